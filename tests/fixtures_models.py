@@ -1,0 +1,84 @@
+"""Tiny random-weight checkpoints written by transformers' save_pretrained, for every supported family."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+FAMILY_NAMES = ("llama", "llama3_tied", "qwen2", "qwen3", "mistral")
+
+COMMON = dict(
+    vocab_size=101,
+    hidden_size=40,
+    intermediate_size=72,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def hf_config(family: str):
+    import transformers as T
+
+    if family == "llama":
+        return T.LlamaConfig(**COMMON, rope_theta=500000.0, architectures=["LlamaForCausalLM"])
+    if family == "llama3_tied":
+        rope = dict(
+            rope_type="llama3",
+            rope_theta=500000.0,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=16,
+        )
+        return T.LlamaConfig(
+            **COMMON, rope_parameters=rope, tie_word_embeddings=True, architectures=["LlamaForCausalLM"]
+        )
+    if family == "qwen2":
+        return T.Qwen2Config(**COMMON, architectures=["Qwen2ForCausalLM"])
+    if family == "qwen3":
+        return T.Qwen3Config(**COMMON, head_dim=16, architectures=["Qwen3ForCausalLM"])
+    if family == "mistral":
+        return T.MistralConfig(**COMMON, sliding_window=5, architectures=["MistralForCausalLM"])
+    raise ValueError(family)
+
+
+def hf_model(family: str, seed: int = 0):
+    """A transformers model with every parameter random (norms and biases too), fp32, eager attention."""
+    import torch
+    import transformers as T
+
+    torch.manual_seed(seed)
+    cfg = hf_config(family)
+    cfg._attn_implementation = "eager"
+    model = T.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.15 * torch.randn_like(p))
+    return model
+
+
+def make_checkpoint(family: str, folder: Path, *, dtype: str = "float32", max_shard_size=None, seed: int = 0):
+    """Write a checkpoint folder and return (folder, the fp32 transformers model after the same dtype cast)."""
+    import torch
+
+    model = hf_model(family, seed)
+    if dtype != "float32":
+        model = model.to(getattr(torch, dtype))
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(folder, **kwargs)
+    if dtype != "float32":
+        # a fresh fp32 model with the cast weights: .float() would keep bf16-rounded rotary buffers
+        cast = {k: v.float() for k, v in model.state_dict().items()}
+        model = hf_model(family, seed)
+        model.load_state_dict(cast)
+    return Path(folder), model

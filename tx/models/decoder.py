@@ -1,0 +1,168 @@
+"""One decoder for every dense family: blocks stacked on a layer axis and run with ``jax.lax.scan``.
+
+Each block calls a *residual* module around attention and around the MLP::
+
+    x = self.attn_residual(x, lambda h: self.attn(self.attn_norm(h)))
+
+The plain residual is ``x + f(x)``. Adapters (tx.adapters) swap these modules for connectors and the
+model's ``streams`` edges for expand / reduce; the model code does not know about them.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tx.models.config import ModelConfig
+from tx.models.layers import MLP, Attention, AttentionContext, Embed, Linear, RMSNorm, rope_inv_freq, rope_tables
+
+
+class Residual(nnx.Module):
+    """The plain residual connection h <- h + f(h)."""
+
+    def __call__(self, x: jax.Array, f) -> jax.Array:
+        return x + f(x)
+
+
+class Streams(nnx.Module):
+    """Model edges of the residual stream; plain models have one stream, so both are the identity."""
+
+    def expand(self, h: jax.Array) -> jax.Array:
+        return h
+
+    def reduce(self, x: jax.Array) -> jax.Array:
+        return x
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder block: attention then gated MLP, each inside a residual module."""
+
+    def __init__(self, cfg: ModelConfig, *, stack=(), dtype, rngs):
+        eps = cfg.rms_norm_eps
+        self.attn_norm = RMSNorm(cfg.hidden_size, eps=eps, stack=stack, dtype=dtype, rngs=rngs)
+        self.attn = Attention(cfg, stack=stack, dtype=dtype, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, eps=eps, stack=stack, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(cfg, stack=stack, dtype=dtype, rngs=rngs)
+        self.attn_residual = Residual()
+        self.mlp_residual = Residual()
+
+    def __call__(self, x: jax.Array, ctx: AttentionContext, kv=None):
+        new_kv = []
+
+        def attn_fn(h):
+            out, kv_out = self.attn(self.attn_norm(h), ctx, kv)
+            new_kv.append(kv_out)
+            return out
+
+        x = self.attn_residual(x, attn_fn)
+        x = self.mlp_residual(x, lambda h: self.mlp(self.mlp_norm(h)))
+        return x, new_kv[0]
+
+
+class KVCache(NamedTuple):
+    """Stacked KV cache: k, v [L, B, T, K, D]; valid [B, T] marks written, non-padding slots; index: next slot."""
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def create(cls, cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> KVCache:
+        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        zeros = jnp.zeros(shape, dtype)
+        return cls(zeros, zeros, jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Position ids that count only real tokens (left padding starts at 0 on the first real token)."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def attention_mask_matrix(q_index, k_index, k_valid, q_segment=None, k_segment=None, window=None):
+    """Boolean [B, S, T]: causal by absolute index, keys valid, same segment, inside the sliding window."""
+    mask = (k_index[None, None, :] <= q_index[None, :, None]) & k_valid[:, None, :]
+    if q_segment is not None:
+        mask = mask & (q_segment[:, :, None] == k_segment[:, None, :]) & (q_segment[:, :, None] > 0)
+    if window is not None:
+        mask = mask & (q_index[None, :, None] - k_index[None, None, :] < window)
+    return mask
+
+
+class CausalLM(nnx.Module):
+    """A dense decoder-only language model.
+
+    ``model(input_ids [B, S], attention_mask=None, positions=None, segment_ids=None)`` returns logits
+    [B, S, vocab]. ``attention_mask`` (1 = token, 0 = padding) handles left and right padding;
+    ``segment_ids`` (packed documents, 0 = padding) keeps attention inside each document.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = cfg
+        self.dtype = dtype
+        stack = (cfg.num_layers,)
+        self.embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = Block(cfg, stack=stack, dtype=dtype, rngs=rngs)
+        self.streams = Streams()
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(
+                cfg.hidden_size, cfg.vocab_size, bias=False, axes=("fsdp", "vocab"), dtype=dtype, rngs=rngs
+            )
+        self.remat = False  # gradient checkpointing of each scanned layer
+
+    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
+        hidden, _ = self.hidden_states(input_ids, attention_mask, positions, segment_ids)
+        return self.project(hidden)
+
+    def project(self, hidden: jax.Array) -> jax.Array:
+        """Final hidden states [..., C] -> logits [..., vocab] (tied or separate head)."""
+        if self.lm_head is None:
+            return jnp.einsum("...c,vc->...v", hidden, self.embed.embedding[...].astype(hidden.dtype))
+        return self.lm_head(hidden)
+
+    def hidden_states(self, input_ids, attention_mask=None, positions=None, segment_ids=None, cache=None):
+        """Run the stack; returns (final-normed hidden [B, S, C], updated KVCache or None)."""
+        b, s = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, s), jnp.int32) if segment_ids is None else segment_ids > 0
+        attention_mask = attention_mask.astype(bool)
+        if positions is None:
+            positions = positions_from_mask(attention_mask)
+            if cache is not None:  # continue counting from the tokens already in the cache
+                positions = positions + jnp.sum(cache.valid, axis=-1, keepdims=True)
+        cos, sin = rope_tables(positions, rope_inv_freq(self.config.rope, self.config.head_dim))
+        window = self.config.sliding_window
+        if cache is None:
+            idx = jnp.arange(s)
+            mask = attention_mask_matrix(idx, idx, attention_mask, segment_ids, segment_ids, window)
+            ctx = AttentionContext(cos, sin, mask)
+        else:
+            t = cache.k.shape[2]
+            q_idx = cache.index + jnp.arange(s)
+            valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, cache.index))
+            mask = attention_mask_matrix(q_idx, jnp.arange(t), valid, window=window)
+            ctx = AttentionContext(cos, sin, mask, cache.index)
+
+        x = self.streams.expand(self.embed(input_ids).astype(self.dtype))
+        graphdef, state = nnx.split(self.layers)
+
+        def body(x, xs):
+            layer_state, kv = xs
+            layer = nnx.merge(graphdef, layer_state)
+            x, kv = layer(x, ctx, kv)
+            return x, kv
+
+        if self.remat:
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        kv = None if cache is None else (cache.k, cache.v)
+        x, kv = jax.lax.scan(body, x, (state, kv))
+        hidden = self.norm(self.streams.reduce(x))
+        if cache is None:
+            return hidden, None
+        return hidden, KVCache(kv[0], kv[1], valid, cache.index + s)

@@ -1,0 +1,170 @@
+"""Building blocks of the dense decoder: linear, RMSNorm, rotary embeddings, GQA attention, gated MLP.
+
+Every module takes ``stack``: a tuple of leading axes for its parameters (``(num_layers,)`` for the
+layers that :class:`tx.models.decoder.CausalLM` runs under ``jax.lax.scan``). Inside the scan each
+module sees one layer's slice. Linear weights keep Hugging Face's ``[out, in]`` layout.
+Each parameter carries ``axes``: logical names of its dimensions, used by :mod:`tx.sharding`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tx.models.config import ModelConfig, RopeConfig
+
+NEG_INF = -1e30  # finite, so fully masked rows (padding queries) give no NaN
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Param:
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, axes=tuple(axes))
+
+
+class Linear(nnx.Module):
+    """y = x W^T (+ b) with W: [*stack, out, in] as in PyTorch / Hugging Face."""
+
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, axes: tuple[str, str], stack=(), dtype, rngs):
+        lead = ("layers",) * len(stack)
+        self.weight = _param(rngs, (*stack, d_out, d_in), (*lead, axes[1], axes[0]), dtype)
+        self.bias = _param(rngs, (*stack, d_out), (*lead, axes[1]), dtype, "zeros") if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum("...i,oi->...o", x, self.weight[...].astype(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding table [vocab, C]."""
+
+    def __init__(self, vocab: int, dim: int, *, dtype, rngs):
+        self.embedding = _param(rngs, (vocab, dim), ("vocab", "fsdp"), dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+
+class RMSNorm(nnx.Module):
+    """HF's RMSNorm: normalise in fp32, cast back to the input dtype, then scale."""
+
+    def __init__(self, dim: int, *, eps: float, stack=(), dtype, rngs):
+        self.scale = _param(rngs, (*stack, dim), (*("layers",) * len(stack), None), dtype, "ones")
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * h.astype(x.dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> jax.Array:
+    """Inverse frequencies [head_dim // 2] in fp32, with "linear" or "llama3" scaling applied."""
+    inv = 1.0 / (rope.theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if rope.kind == "linear":
+        inv = inv / rope.factor
+    elif rope.kind == "llama3":
+        low_wavelen = rope.original_max_positions / rope.low_freq_factor
+        high_wavelen = rope.original_max_positions / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = jnp.where(wavelen > low_wavelen, inv / rope.factor, inv)
+        smooth = (rope.original_max_positions / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = jnp.where(medium, smoothed, scaled)
+    return inv
+
+
+def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin: [B, S, head_dim] in fp32 for integer positions [B, S]."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [B, S, heads, D]; rotate-half convention of Hugging Face."""
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+class AttentionContext(NamedTuple):
+    """What every layer's attention shares: rotary tables and the boolean mask [B, S_q, S_kv]."""
+
+    cos: jax.Array
+    sin: jax.Array
+    mask: jax.Array
+    cache_index: jax.Array | None = None  # scalar int: where new keys are written in the KV cache
+
+
+class Attention(nnx.Module):
+    """Causal grouped-query attention with optional q/k RMSNorm (Qwen3) and a KV cache."""
+
+    def __init__(self, cfg: ModelConfig, *, stack=(), dtype, rngs):
+        c, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = h, k, d
+        self.q_proj = Linear(c, h * d, bias=cfg.qkv_bias, axes=("fsdp", "tp"), stack=stack, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(c, k * d, bias=cfg.qkv_bias, axes=("fsdp", "tp"), stack=stack, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(c, k * d, bias=cfg.qkv_bias, axes=("fsdp", "tp"), stack=stack, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(h * d, c, bias=cfg.o_bias, axes=("tp", "fsdp"), stack=stack, dtype=dtype, rngs=rngs)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, eps=cfg.rms_norm_eps, stack=stack, dtype=dtype, rngs=rngs)
+            self.k_norm = RMSNorm(d, eps=cfg.rms_norm_eps, stack=stack, dtype=dtype, rngs=rngs)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(self, x: jax.Array, ctx: AttentionContext, kv=None):
+        """x: [B, S, C] -> ([B, S, C], (k, v)); kv is this layer's cache [B, T, K, D] each, or None."""
+        b, s, _ = x.shape
+        q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if kv is not None:
+            start = (0, ctx.cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
+            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
+            kv = (k, v)
+        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), ctx.mask)
+        return self.o_proj(out.reshape(b, s, -1)), kv
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention in fp32. q: [B, S, H, D], k/v: [B, T, K, D] with H = K * G, mask: [B, S, T]."""
+    b, s, h, d = q.shape
+    kh = k.shape[2]
+    q = q.reshape(b, s, kh, h // kh, d)
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+    return out.reshape(b, s, h, d)
+
+
+class MLP(nnx.Module):
+    """Gated SiLU MLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, stack=(), dtype, rngs):
+        c, i, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = Linear(c, i, bias=bias, axes=("fsdp", "tp"), stack=stack, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(c, i, bias=bias, axes=("fsdp", "tp"), stack=stack, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(i, c, bias=bias, axes=("tp", "fsdp"), stack=stack, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,177 @@
+"""Read safetensors files tensor by tensor from a memory map, with errors that name the file and tensor.
+
+The format is an 8-byte little-endian header length, a JSON header ``{name: {dtype, shape,
+data_offsets}}`` and the raw bytes. Reading it directly lets tx check every offset against the file
+size (a truncated download is reported as such) and copy each tensor straight into its destination.
+Writing goes through the ``safetensors`` package, to a temporary name that is renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from tx.errors import CheckpointError
+
+DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class SafetensorsFile:
+    """A parsed safetensors header plus a read-only memory map of the file."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as fh:
+                head = fh.read(8)
+                if len(head) < 8:
+                    raise CheckpointError(f"{self.path}: not a safetensors file (only {size} bytes); re-download it")
+                (n,) = struct.unpack("<Q", head)
+                if n > size - 8 or n > 100_000_000:
+                    raise CheckpointError(
+                        f"{self.path}: corrupt or truncated safetensors header (says {n} bytes, file has {size})"
+                    )
+                header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (not JSON); re-download the file") from None
+        except OSError as exc:
+            raise CheckpointError(f"{self.path}: cannot read ({exc.strerror})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object)")
+        header.pop("__metadata__", None)
+        self.data_start = 8 + n
+        self.infos: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        for name, info in header.items():
+            try:
+                dtype = DTYPES[info["dtype"]]
+                shape = tuple(int(d) for d in info["shape"])
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{self.path}: tensor {name!r} has an unsupported or malformed entry {info!r}")
+            if end - begin != dtype.itemsize * int(np.prod(shape)):
+                raise CheckpointError(f"{self.path}: tensor {name!r}: byte range does not match shape {shape}")
+            if self.data_start + end > size:
+                raise CheckpointError(
+                    f"{self.path}: truncated: tensor {name!r} ends at byte {self.data_start + end} but the file has "
+                    f"{size} bytes; re-download or re-save the checkpoint"
+                )
+            self.infos[name] = (dtype, shape, begin, end)
+        self._mmap = None
+
+    def keys(self):
+        return self.infos.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.infos[name][1]
+
+    def dtype(self, name: str) -> np.dtype:
+        return self.infos[name][0]
+
+    def get(self, name: str) -> np.ndarray:
+        """A read-only view of one tensor (no copy)."""
+        if self._mmap is None:
+            with open(self.path, "rb") as fh:
+                self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        dtype, shape, begin, end = self.infos[name]
+        return np.frombuffer(
+            self._mmap, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=self.data_start + begin
+        ).reshape(shape)
+
+    def close(self):
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:  # a view is still alive; the map closes when it is collected
+                pass
+        self._mmap = None
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: from model.safetensors.index.json, or model.safetensors."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{index}: malformed index (expected a JSON object with 'weight_map')") from None
+        names = sorted(set(weight_map.values()))
+        files = []
+        for name in names:
+            path = (folder / name).resolve()
+            if path.parent != folder.resolve():
+                raise CheckpointError(f"{index}: shard name {name!r} points outside the checkpoint folder")
+            if not path.is_file():
+                raise CheckpointError(f"{index}: shard {name!r} is missing from {folder}")
+            files.append(path)
+        return files
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(folder.glob("*.safetensors"))
+    if found:
+        return found
+    if list(folder.glob("*.bin")) or list(folder.glob("*.pt")) or list(folder.glob("*.pth")):
+        raise CheckpointError(
+            f"{folder} holds only PyTorch pickle weights (*.bin/*.pt); tx reads safetensors only, never pickles. "
+            "Convert with transformers: model.save_pretrained(folder, safe_serialization=True)"
+        )
+    raise CheckpointError(f"{folder} has no *.safetensors files")
+
+
+@contextmanager
+def open_checkpoint(folder: Path) -> Iterator[dict[str, SafetensorsFile]]:
+    """Map every tensor name of a checkpoint to the open file that holds it."""
+    files = [SafetensorsFile(p) for p in checkpoint_files(folder)]
+    try:
+        where: dict[str, SafetensorsFile] = {}
+        for f in files:
+            for k in f.keys():
+                where[k] = f
+        yield where
+    finally:
+        for f in files:
+            f.close()
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename into place, so a crash leaves the old file intact."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_tensors(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically (via a temporary name)."""
+    from safetensors.numpy import save_file
+
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    atomic_write_bytes(Path(path), lambda tmp: save_file(arrays, str(tmp), metadata=metadata))
