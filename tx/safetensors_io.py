@@ -68,7 +68,9 @@ class SafetensorsFile:
                 shape = tuple(int(d) for d in info["shape"])
                 begin, end = (int(o) for o in info["data_offsets"])
             except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{self.path}: tensor {name!r} has an unsupported or malformed entry {info!r}")
+                raise CheckpointError(
+                    f"{self.path}: tensor {name!r} has an unsupported or malformed entry {info!r}"
+                ) from None
             if end - begin != dtype.itemsize * int(np.prod(shape)):
                 raise CheckpointError(f"{self.path}: tensor {name!r}: byte range does not match shape {shape}")
             if self.data_start + end > size:
