@@ -100,6 +100,19 @@ class SafetensorsFile:
             self._mmap, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=self.data_start + begin
         ).reshape(shape)
 
+    def release(self, name: str) -> None:
+        """Drop this tensor's pages from the process (the OS page cache keeps them): host memory stays ~one tensor."""
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        _, _, begin, end = self.infos[name]
+        page = mmap.PAGESIZE
+        start = (self.data_start + begin) // page * page
+        stop = self.data_start + end
+        try:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, stop - start)
+        except (OSError, ValueError):
+            pass
+
     def close(self):
         if self._mmap is not None:
             try:

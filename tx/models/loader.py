@@ -78,7 +78,9 @@ def load_model(name_or_path: str | os.PathLike, *, dtype="float32", mesh=None, c
                 src = where[key].get(key)
                 dst = buf if isinstance(hf, str) else buf[i]
                 np.copyto(dst, src, casting="unsafe")
-                if check_finite and not np.isfinite(src).all():
+                del src
+                where[key].release(key)
+                if check_finite and not np.isfinite(dst).all():
                     raise CheckpointError(
                         f"{where[key].path.name}: tensor {key!r} holds NaN or Inf values; the checkpoint is "
                         "corrupt or was saved after a diverged run"
