@@ -21,9 +21,10 @@ COMMON = dict(
 )
 
 
-def hf_config(family: str):
+def hf_config(family: str, **overrides):
     import transformers as T
 
+    COMMON = {**globals()["COMMON"], **overrides}
     if family == "llama":
         return T.LlamaConfig(**COMMON, rope_theta=500000.0, architectures=["LlamaForCausalLM"])
     if family == "llama3_tied":
@@ -47,13 +48,13 @@ def hf_config(family: str):
     raise ValueError(family)
 
 
-def hf_model(family: str, seed: int = 0):
+def hf_model(family: str, seed: int = 0, **overrides):
     """A transformers model with every parameter random (norms and biases too), fp32, eager attention."""
     import torch
     import transformers as T
 
     torch.manual_seed(seed)
-    cfg = hf_config(family)
+    cfg = hf_config(family, **overrides)
     cfg._attn_implementation = "eager"
     model = T.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
     with torch.no_grad():
@@ -67,11 +68,13 @@ def hf_model(family: str, seed: int = 0):
     return model
 
 
-def make_checkpoint(family: str, folder: Path, *, dtype: str = "float32", max_shard_size=None, seed: int = 0):
+def make_checkpoint(
+    family: str, folder: Path, *, dtype: str = "float32", max_shard_size=None, seed: int = 0, **overrides
+):
     """Write a checkpoint folder and return (folder, the fp32 transformers model after the same dtype cast)."""
     import torch
 
-    model = hf_model(family, seed)
+    model = hf_model(family, seed, **overrides)
     if dtype != "float32":
         model = model.to(getattr(torch, dtype))
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
@@ -79,6 +82,6 @@ def make_checkpoint(family: str, folder: Path, *, dtype: str = "float32", max_sh
     if dtype != "float32":
         # a fresh fp32 model with the cast weights: .float() would keep bf16-rounded rotary buffers
         cast = {k: v.float() for k, v in model.state_dict().items()}
-        model = hf_model(family, seed)
+        model = hf_model(family, seed, **overrides)
         model.load_state_dict(cast)
     return Path(folder), model

@@ -1,0 +1,401 @@
+"""The training loop: optax AdamW on adapter state only, one jitted step compiled once.
+
+``Trainer(model, config).step(batch)`` runs one optimiser update (with ``grad_accum`` micro-batches
+scanned inside the same compiled function) and returns its metrics; ``fit(train, eval_data)`` runs
+the loop with a progress bar, metrics in ``<out>/metrics.jsonl``, periodic eval, atomic checkpoints
+every ``save_every`` steps, exact resume and a stop with a clear message on a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from tx.errors import ConfigError, TxError
+from tx.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tx.train.loss import model_loss_sum
+
+RUN_MARKER = "tx_run.json"
+
+
+class TrainingDiverged(TxError):
+    """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainConfig:
+    """Everything the ``tx finetune`` flags hold. Learning rates are peak values of the schedule."""
+
+    steps: int = 100
+    batch_size: int = 8
+    seq_len: int = 512
+    lr: float = 2e-4
+    connector_lr: float | None = None  # None: same as lr
+    schedule: str = "cosine"  # "cosine" | "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    grad_accum: int = 1
+    remat: bool = False
+    seed: int = 0
+    pack: str = "pack"  # "pack" | "pad"
+    eval_fraction: float = 0.0  # carve an eval split out of the training data when no eval data is given
+    eval_every: int = 0  # 0: only at the end
+    eval_batches: int | None = None
+    save_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    loss_chunk: int = 2048
+    out: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        positive = ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "loss_chunk", "keep_checkpoints")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"TrainConfig.{name} must be an integer >= 1, got {value!r}")
+        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"TrainConfig.{name} must be an integer >= 0, got {value!r}")
+        for name in ("lr", "connector_lr"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"TrainConfig.{name} must be a finite number >= 0, got {value!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"TrainConfig.schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.pack not in ("pack", "pad"):
+            raise ConfigError(f"TrainConfig.pack must be 'pack' or 'pad', got {self.pack!r}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"TrainConfig.eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip!r}")
+        if self.warmup_steps >= self.steps and self.warmup_steps > 0:
+            raise ConfigError(f"TrainConfig.warmup_steps ({self.warmup_steps}) must be < steps ({self.steps})")
+
+    def schedule_fn(self, peak: float) -> optax.Schedule:
+        if self.schedule == "constant":
+            if self.warmup_steps:
+                return optax.join_schedules(
+                    [optax.linear_schedule(0.0, peak, self.warmup_steps), optax.constant_schedule(peak)],
+                    [self.warmup_steps],
+                )
+            return optax.constant_schedule(peak)
+        return (
+            optax.warmup_cosine_decay_schedule(0.0, peak, self.warmup_steps, max(self.steps, 1), peak * 0.1)
+            if self.warmup_steps
+            else optax.cosine_decay_schedule(peak, max(self.steps, 1), 0.1)
+        )
+
+
+def trainable_filters():
+    """(LoRA filter, connector filter): the two groups of trainable state, each with its own learning rate."""
+    from tx.adapters.connector import ConnectorParam
+    from tx.adapters.lora import LoRAParam
+
+    return LoRAParam, ConnectorParam
+
+
+class Trainer:
+    """Fine-tunes the adapters attached to ``model`` (see :func:`tx.attach`); the base stays frozen."""
+
+    def __init__(self, model, config: TrainConfig | None = None, *, mesh=None):
+        self.model = model
+        self.config = config = config or TrainConfig()
+        self.mesh = mesh
+        model.remat = config.remat
+        lora_f, conn_f = trainable_filters()
+        # random state (LoRA dropout keys) advances every step, so it travels through the step like the adapters
+        self.graphdef, lora, conn, self.rng, self.rest = nnx.split(model, lora_f, conn_f, nnx.RngState, ...)
+        if not jax.tree.leaves(lora) and not jax.tree.leaves(conn):
+            raise ConfigError(
+                "the model has nothing to train: attach LoRA and/or a trainable connector first, "
+                "e.g. tx.attach(model, lora=tx.LoRAConfig(rank=8))"
+            )
+        self.states = {"lora": lora, "connector": conn}
+        self.schedules = {
+            "lora": config.schedule_fn(config.lr),
+            "connector": config.schedule_fn(config.lr if config.connector_lr is None else config.connector_lr),
+        }
+        self.optimizers = {
+            k: optax.adamw(s, b1=0.9, b2=0.999, weight_decay=config.weight_decay) for k, s in self.schedules.items()
+        }
+        self.opt_state = {k: self.optimizers[k].init(self.states[k]) for k in self.states}
+        self.step_count = 0
+        self._train_step = jax.jit(self._step_fn, donate_argnums=(0, 1, 2))
+        self._eval_step = jax.jit(self._eval_fn)
+
+    # ---- the compiled functions -------------------------------------------------------------
+    def _loss(self, states, rng, rest, batch):
+        model = nnx.merge(self.graphdef, states["lora"], states["connector"], rng, rest)
+        total, count = model_loss_sum(model, batch, self.config.loss_chunk)
+        return total, (count, nnx.state(model, nnx.RngState))
+
+    def _step_fn(self, states, opt_state, rng, rest, batches, step):
+        """batches: dict of [accum, B, S] arrays. Returns (states, opt_state, rng, metrics)."""
+
+        def micro(carry, mb):
+            grads, loss, count, rng = carry
+            (l, (n, rng)), g = jax.value_and_grad(self._loss, has_aux=True)(states, rng, rest, mb)
+            return (jax.tree.map(jnp.add, grads, g), loss + l, count + n, rng), None
+
+        zeros = jax.tree.map(jnp.zeros_like, states)
+        (grads, loss, count, rng), _ = jax.lax.scan(micro, (zeros, jnp.zeros(()), jnp.zeros(()), rng), batches)
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        norm = optax.tree.norm(grads)
+        if self.config.grad_clip is not None:
+            scale = jnp.minimum(1.0, self.config.grad_clip / (norm + 1e-6))
+            grads = jax.tree.map(lambda g: g * scale, grads)
+        new_states, new_opt = {}, {}
+        for k, opt in self.optimizers.items():
+            updates, new_opt[k] = opt.update(grads[k], opt_state[k], states[k])
+            new_states[k] = optax.apply_updates(states[k], updates)
+        metrics = {"loss": loss / denom, "grad_norm": norm, "tokens": count, "lr": self.schedules["lora"](step)}
+        return new_states, new_opt, rng, metrics
+
+    def _eval_fn(self, states, rng, rest, batch):
+        model = nnx.merge(self.graphdef, states["lora"], states["connector"], rng, rest)
+        model.eval()  # no dropout
+        return model_loss_sum(model, batch, self.config.loss_chunk)
+
+    # ---- public API -------------------------------------------------------------------------
+    def _prepare(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
+        a = self.config.grad_accum
+        out = {}
+        for k, v in batch.items():
+            v = np.asarray(v)
+            if v.shape[0] % a:
+                raise ConfigError(f"batch of {v.shape[0]} rows cannot be split into grad_accum={a} micro-batches")
+            v = v.reshape(a, v.shape[0] // a, *v.shape[1:])
+            if self.mesh is not None:
+                from tx.sharding import batch_sharding
+
+                v = jax.device_put(v, batch_sharding(self.mesh, v.ndim))
+            out[k] = v
+        return out
+
+    def step(self, batch: dict[str, Any]) -> dict[str, float]:
+        """One optimiser update on ``batch`` (dict of [B, S] arrays from :class:`tx.train.data.Dataset`)."""
+        batches = self._prepare(batch)
+        self.states, self.opt_state, self.rng, metrics = self._train_step(
+            self.states, self.opt_state, self.rng, self.rest, batches, jnp.asarray(self.step_count)
+        )
+        self.step_count += 1
+        self._sync_model()
+        return metrics
+
+    def _sync_model(self):
+        nnx.update(self.model, self.states["lora"], self.states["connector"], self.rng)
+
+    def evaluate(self, data, max_batches: int | None = None) -> float:
+        """Mean token loss over ``data.eval_batches()`` (all rows, fixed order)."""
+        total, count = 0.0, 0.0
+        for i, batch in enumerate(data.eval_batches()):
+            if max_batches is not None and i >= max_batches:
+                break
+            s, n = self._eval_step(self.states, self.rng, self.rest, {k: jnp.asarray(v) for k, v in batch.items()})
+            total, count = total + float(s), count + float(n)
+        return total / max(count, 1.0)
+
+    def fit(self, train_data, eval_data=None, tokenizer=None) -> dict[str, Any]:
+        """Run ``config.steps`` updates. ``train_data``/``eval_data``: Datasets or JSONL paths (with ``tokenizer``)."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        train_data, eval_data = self._datasets(train_data, eval_data, tokenizer)
+        out = Path(cfg.out) if cfg.out else None
+        history: list[dict[str, Any]] = []
+        if out is not None:
+            self._prepare_out(out)
+        start = self.step_count
+        if out is not None and cfg.resume:
+            start = self.restore(out)
+        metrics_file = out / "metrics.jsonl" if out else None
+        if metrics_file is not None:
+            _truncate_metrics(metrics_file, start)
+        bar = tqdm(
+            total=cfg.steps, initial=start, disable=not cfg.progress, desc="train", unit="step", dynamic_ncols=True
+        )
+        t0, tokens = time.perf_counter(), 0.0
+        pending = None
+        last_good = start
+
+        def flush(pending_metrics, step_done):
+            nonlocal t0, tokens
+            m = {k: float(v) for k, v in jax.device_get(pending_metrics).items()}
+            if not math.isfinite(m["loss"]):
+                raise TrainingDiverged(
+                    f"loss became {m['loss']} at step {step_done}; stopping. The last good checkpoint "
+                    f"(step {last_good}) is kept{' in ' + str(out / 'checkpoints') if out else ''}. "
+                    "Lower --lr or check the data."
+                )
+            tokens += m["tokens"]
+            dt = time.perf_counter() - t0
+            rec = {"step": step_done, **m, "tokens_per_s": tokens / dt if dt > 0 else 0.0}
+            history.append(rec)
+            if metrics_file is not None:
+                with open(metrics_file, "a") as fh:
+                    fh.write(json.dumps(rec) + "\n")
+            bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            return rec
+
+        try:
+            for step in range(start, cfg.steps):
+                batch = train_data.batch(step)
+                metrics = self.step(batch)
+                bar.update(1)
+                if pending is not None:
+                    flush(*pending)
+                pending = (metrics, step + 1) if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps else None
+                done = step + 1
+                if eval_data is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+                    if pending is not None:
+                        flush(*pending)
+                        pending = None
+                    self._log_eval(eval_data, done, metrics_file, history)
+                if out is not None and cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+                    if pending is not None:
+                        flush(*pending)
+                        pending = None
+                    self._check_finite(done, last_good, out)
+                    self.save(out)
+                    last_good = done
+            if pending is not None:
+                flush(*pending)
+        finally:
+            bar.close()
+        result = {"history": history}
+        if eval_data is not None:
+            result["eval_loss"] = self._log_eval(eval_data, self.step_count, metrics_file, history)
+        if out is not None:
+            self._check_finite(self.step_count, last_good, out)
+            self.save(out)
+            from tx.adapters.io import save_adapter
+
+            save_adapter(self.model, out / "adapter")
+        return result
+
+    def _log_eval(self, eval_data, step, metrics_file, history):
+        loss = self.evaluate(eval_data, self.config.eval_batches)
+        rec = {"step": step, "eval_loss": loss}
+        history.append(rec)
+        if metrics_file is not None:
+            with open(metrics_file, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+        return loss
+
+    def _check_finite(self, step, last_good, out):
+        leaves = jax.tree.leaves(self.states)
+        if not all(bool(jnp.isfinite(x).all()) for x in leaves):
+            raise TrainingDiverged(
+                f"adapter parameters are NaN or Inf at step {step}; not saving. The last good checkpoint "
+                f"(step {last_good}) is kept in {out / 'checkpoints'}."
+            )
+
+    def _datasets(self, train_data, eval_data, tokenizer):
+        from tx.train.data import Dataset, read_jsonl, split_eval
+
+        cfg = self.config
+        vocab = self.model.config.vocab_size
+        common = dict(
+            seq_len=cfg.seq_len,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            mode=cfg.pack,
+            max_positions=self.model.config.max_positions,
+            vocab_size=vocab,
+        )
+        if isinstance(train_data, (str, os.PathLike)):
+            if tokenizer is None:
+                raise ConfigError("pass tokenizer= to fit() when train_data is a path")
+            records = read_jsonl(train_data)
+            if eval_data is None and cfg.eval_fraction > 0:
+                records, eval_records = split_eval(records, cfg.eval_fraction, seed=cfg.seed)
+                eval_data = Dataset(eval_records, tokenizer, **{**common, "shuffle": False})
+            train_data = Dataset(records, tokenizer, **common)
+        if isinstance(eval_data, (str, os.PathLike)):
+            if tokenizer is None:
+                raise ConfigError("pass tokenizer= to fit() when eval_data is a path")
+            eval_data = Dataset(eval_data, tokenizer, **{**common, "shuffle": False})
+        return train_data, eval_data
+
+    def _prepare_out(self, out: Path):
+        marker = out / RUN_MARKER
+        if out.exists() and any(out.iterdir()) and not marker.exists() and not self.config.overwrite:
+            raise ConfigError(
+                f"output folder {out} exists and is not a tx run; choose another --out or pass --overwrite"
+            )
+        if (
+            marker.exists()
+            and not self.config.resume
+            and not self.config.overwrite
+            and latest_checkpoint(out / "checkpoints")
+        ):
+            raise ConfigError(
+                f"{out} already holds a tx run; pass --resume to continue it or --overwrite to replace it"
+            )
+        if self.config.overwrite and not self.config.resume and (out / "checkpoints").exists():
+            import shutil
+
+            shutil.rmtree(out / "checkpoints")
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        from tx.safetensors_io import atomic_write_bytes
+
+        info = {"tx_run": 1, "config": dataclasses.asdict(self.config)}
+        atomic_write_bytes(marker, lambda p: Path(p).write_text(json.dumps(info, indent=2, default=str)))
+
+    def save(self, out: Path) -> Path:
+        """Write a checkpoint of the adapters and optimiser state under ``out/checkpoints``."""
+        info = {"config": dataclasses.asdict(self.config)}
+        states = {**self.states, "rng": self.rng}
+        return save_checkpoint(
+            Path(out) / "checkpoints", self.step_count, states, self.opt_state, info, keep=self.config.keep_checkpoints
+        )
+
+    def restore(self, out: Path) -> int:
+        """Load the newest complete checkpoint under ``out/checkpoints``; returns its step (0 if none)."""
+        path = latest_checkpoint(Path(out) / "checkpoints")
+        if path is None:
+            return self.step_count
+        self.opt_state, info = load_checkpoint(path, {**self.states, "rng": self.rng}, self.opt_state)
+        self.step_count = int(info["step"])
+        self._sync_model()
+        return self.step_count
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep metric lines up to ``step`` (a resumed run rewrites what came after its checkpoint)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+        if rec.get("step", 0) <= step:
+            keep.append(line)
+    from tx.safetensors_io import atomic_write_bytes
+
+    atomic_write_bytes(path, lambda p: Path(p).write_text("".join(x + "\n" for x in keep)))
+
+
+def finetune(model, train_data, *, tokenizer=None, eval_data=None, mesh=None, **config) -> dict[str, Any]:
+    """The common case in one call: ``Trainer(model, TrainConfig(**config)).fit(train_data, eval_data)``."""
+    return Trainer(model, TrainConfig(**config), mesh=mesh).fit(train_data, eval_data, tokenizer=tokenizer)
