@@ -156,12 +156,13 @@ class CausalLM(nnx.Module):
             layer_state, kv = xs
             layer = nnx.merge(graphdef, layer_state)
             x, kv = layer(x, ctx, kv)
-            return x, kv
+            return x, (kv, nnx.state(layer, nnx.RngState))  # random state a layer advanced (e.g. LoRA dropout)
 
         if self.remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
         kv = None if cache is None else (cache.k, cache.v)
-        x, kv = jax.lax.scan(body, x, (state, kv))
+        x, (kv, rng_state) = jax.lax.scan(body, x, (state, kv))
+        nnx.update(self.layers, rng_state)
         hidden = self.norm(self.streams.reduce(x))
         if cache is None:
             return hidden, None

@@ -150,8 +150,8 @@ class Trainer:
 
         def micro(carry, mb):
             grads, loss, count, rng = carry
-            (l, (n, rng)), g = jax.value_and_grad(self._loss, has_aux=True)(states, rng, rest, mb)
-            return (jax.tree.map(jnp.add, grads, g), loss + l, count + n, rng), None
+            (part, (n, rng)), g = jax.value_and_grad(self._loss, has_aux=True)(states, rng, rest, mb)
+            return (jax.tree.map(jnp.add, grads, g), loss + part, count + n, rng), None
 
         zeros = jax.tree.map(jnp.zeros_like, states)
         (grads, loss, count, rng), _ = jax.lax.scan(micro, (zeros, jnp.zeros(()), jnp.zeros(()), rng), batches)
