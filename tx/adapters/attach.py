@@ -1,0 +1,308 @@
+"""Attach adapters to a loaded model, switch them off, count what trains; target matching lives here.
+
+``attach(model, lora=..., connector=...)`` changes the model in place:
+
+- LoRA wraps each targeted :class:`~tx.models.layers.Linear` of the stacked block in a
+  :class:`~tx.adapters.lora.LoRALinear` (the base Linear object is kept, never copied).
+- A connector with ``expansion_rate > 1`` replaces ``model.layers.attn_residual`` / ``mlp_residual`` by
+  :class:`~tx.adapters.connector.Connector` and ``model.streams`` by :class:`~tx.adapters.connector.StreamEdges`;
+  ``expansion_rate == 1`` installs nothing (the plain residual path, same cost).
+
+What trains is decided by type: :data:`TRAINABLE` selects :class:`~tx.adapters.lora.LoRAParam` and
+:class:`~tx.adapters.connector.ConnectorParam`. Take gradients with ``nnx.DiffState(0, TRAINABLE)`` so no gradient
+of a frozen base weight (``nnx.Param``) is ever built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import jax
+import numpy as np
+from flax import nnx
+
+from tx.adapters.connector import Connector, ConnectorConfig, ConnectorParam, FrozenConnectorParam, StreamEdges
+from tx.adapters.lora import ALL_LINEAR, LoRAConfig, LoRALinear, LoRAParam, merge
+from tx.errors import AdapterError, ConfigError
+from tx.models.families import LAYER_WEIGHTS, LINEAR_MODULES
+from tx.models.layers import Linear
+
+TRAINABLE = nnx.Any(LoRAParam, ConnectorParam)
+"""nnx filter of the adapter state the trainer updates: LoRA matrices and trainable connector variables."""
+LORA_PARAM = LoRAParam
+"""nnx filter of the LoRA matrices alone (e.g. for a learning rate of their own)."""
+
+_COUNTED = (nnx.Param, LoRAParam, ConnectorParam, FrozenConnectorParam)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearSite:
+    """One linear projection of the stacked block: short name, HF sub-path and where it sits in the tx model."""
+
+    name: str  # "q_proj"
+    hf_module: str  # "self_attn.q_proj" (inside model.layers.{i})
+    tx_path: tuple[str, ...]  # ("layers", "attn", "q_proj")
+
+    def hf_path(self, layer: int) -> str:
+        return f"model.layers.{layer}.{self.hf_module}"
+
+
+def linear_sites(model) -> list[LinearSite]:
+    """The block's linear projections present in this model, in :data:`LINEAR_MODULES` order."""
+    sites = []
+    for name, hf_module in LINEAR_MODULES.items():
+        tx_weight = LAYER_WEIGHTS[f"model.layers.{{i}}.{hf_module}.weight"]
+        path = tuple(tx_weight.split(".")[:-1])
+        if isinstance(module_at(model, path), Linear | LoRALinear):
+            sites.append(LinearSite(name, hf_module, path))
+    return sites
+
+
+def module_at(model, path: tuple[str, ...]):
+    node = model
+    for part in path:
+        node = getattr(node, part, None)
+        if node is None:
+            return None
+    return node
+
+
+def set_module_at(model, path: tuple[str, ...], value) -> None:
+    setattr(module_at(model, path[:-1]), path[-1], value)
+
+
+def _matcher(spec):
+    """Callable (hf module path) -> bool for a list of names (exact or ``.name`` suffix, as PEFT) or a regex."""
+    if isinstance(spec, str):
+        pattern = re.compile(spec)
+        return lambda path: pattern.fullmatch(path) is not None
+    return lambda path: any(path == s or path.endswith("." + s) for s in spec)
+
+
+def _no_match_error(what: str, spec, missing, sites, num_layers: int) -> ConfigError:
+    names = ", ".join(s.name for s in sites)
+    example = sites[0].hf_path(0) if sites else "model.layers.0.self_attn.q_proj"
+    if isinstance(spec, str):
+        head = f"LoRA {what} regex {spec!r} matches no module"
+    else:
+        head = f"LoRA {what} {', '.join(map(repr, missing))} {'match' if len(missing) > 1 else 'matches'} no module"
+    return ConfigError(
+        f"{head}. The model's linear modules are: {names} (HF paths like {example!r}, layers 0..{num_layers - 1}); "
+        "the LM head and the embeddings are not LoRA targets"
+    )
+
+
+def resolve_targets(config: LoRAConfig, sites: list[LinearSite], num_layers: int) -> dict[str, np.ndarray]:
+    """Short module name -> 0/1 mask [num_layers] of the layers where it gets LoRA (only names with some 1s)."""
+    paths = [(s, i, s.hf_path(i)) for s in sites for i in range(num_layers)]
+    if config.targets == ALL_LINEAR:
+        chosen = {(s.name, i) for s, i, _ in paths}
+    else:
+        match = _matcher(config.targets)
+        chosen = {(s.name, i) for s, i, p in paths if match(p)}
+        if isinstance(config.targets, str):
+            if not chosen:
+                raise _no_match_error("targets", config.targets, (), sites, num_layers)
+        else:
+            missing = [t for t in config.targets if not any(_matcher((t,))(p) for _, _, p in paths)]
+            if missing:
+                raise _no_match_error("targets", config.targets, missing, sites, num_layers)
+    if config.exclude:
+        drop = _matcher(config.exclude)
+        if isinstance(config.exclude, str):
+            if not any(drop(p) for _, _, p in paths):
+                raise _no_match_error("exclude", config.exclude, (), sites, num_layers)
+        else:
+            missing = [t for t in config.exclude if not any(_matcher((t,))(p) for _, _, p in paths)]
+            if missing:
+                raise _no_match_error("exclude", config.exclude, missing, sites, num_layers)
+        chosen = {(s.name, i) for s, i, p in paths if (s.name, i) in chosen and not drop(p)}
+    if config.layers is not None:
+        bad = [i for i in config.layers if i >= num_layers]
+        if bad:
+            raise ConfigError(
+                f"LoRA layers {bad} do not exist: the model has {num_layers} layers (0..{num_layers - 1})"
+            )
+        chosen = {(n, i) for n, i in chosen if i in config.layers}
+    if not chosen:
+        raise ConfigError(
+            f"LoRA targets {config.targets!r} with exclude {config.exclude!r} and layers {config.layers!r} "
+            "leave no module to adapt"
+        )
+    masks = {}
+    for s in sites:
+        mask = np.array([(s.name, i) in chosen for i in range(num_layers)], np.float32)
+        if mask.any():
+            masks[s.name] = mask
+    return masks
+
+
+def has_lora(model) -> bool:
+    return any(isinstance(m, LoRALinear) for _, m in nnx.iter_modules(model))
+
+
+def lora_modules(model) -> list[tuple[LinearSite, LoRALinear]]:
+    """(site, LoRALinear) for every adapted projection, in :data:`LINEAR_MODULES` order."""
+    out = []
+    for site in linear_sites(model):
+        module = module_at(model, site.tx_path)
+        if isinstance(module, LoRALinear):
+            out.append((site, module))
+    return out
+
+
+def connector_modules(model) -> dict[str, Connector]:
+    """Attribute name inside ``model.layers`` -> installed Connector (empty when none, or n = 1)."""
+    return {
+        name: module
+        for name in ("attn_residual", "mlp_residual")
+        if isinstance(module := getattr(model.layers, name, None), Connector)
+    }
+
+
+def has_connector(model) -> bool:
+    """True when a connector that changes the architecture (n > 1) is installed."""
+    return bool(connector_modules(model)) or isinstance(getattr(model, "streams", None), StreamEdges)
+
+
+def attach(model, *, lora: LoRAConfig | None = None, connector: ConnectorConfig | None = None, seed: int = 0):
+    """Adapt ``model`` in place and return it.
+
+    lora: wrap the targeted linear projections (see :class:`~tx.adapters.lora.LoRAConfig`); A is seeded by
+    ``lora.seed``, B is zero, so the model computes exactly what it did before.
+    connector: replace both residual connections of every block and the stream edges (``expansion_rate > 1``);
+    its random projections are seeded by ``seed``. Connectors are exact at init as well (see
+    :mod:`tx.adapters.connector`).
+    The configs are kept as ``model.lora_config`` / ``model.connector_config``.
+    """
+    if lora is None and connector is None:
+        raise ConfigError("attach() needs lora=LoRAConfig(...) and/or connector=ConnectorConfig(...)")
+    if lora is not None and not isinstance(lora, LoRAConfig):
+        raise ConfigError(f"lora must be a tx.LoRAConfig, got {type(lora).__name__}")
+    if connector is not None and not isinstance(connector, ConnectorConfig):
+        raise ConfigError(f"connector must be a tx.ConnectorConfig, got {type(connector).__name__}")
+    if lora is not None and has_lora(model):
+        raise AdapterError("the model already has LoRA attached; call tx.merge_lora(model) or tx.detach(model) first")
+    if connector is not None and (has_connector(model) or getattr(model, "connector_config", None) is not None):
+        raise AdapterError("the model already has a connector attached; call tx.detach(model) first")
+    cfg = model.config
+    if lora is not None:
+        sites = linear_sites(model)
+        masks = resolve_targets(lora, sites, cfg.num_layers)
+        root = jax.random.key(lora.seed)
+        for index, site in enumerate(sites):
+            if site.name not in masks:
+                continue
+            wrapped = LoRALinear(
+                module_at(model, site.tx_path),
+                name=site.name,
+                rank=lora.rank,
+                scale=lora.scale,
+                key=jax.random.fold_in(root, index),
+                init=lora.init,
+                mask=masks[site.name],
+                dropout=lora.dropout,
+            )
+            set_module_at(model, site.tx_path, wrapped)
+        model.lora_config = lora
+    if connector is not None:
+        if connector.expansion_rate > 1:
+            rngs = nnx.Rngs(seed)
+            model.layers.attn_residual = Connector(connector, cfg.hidden_size, cfg.num_layers, rngs=rngs)
+            model.layers.mlp_residual = Connector(connector, cfg.hidden_size, cfg.num_layers, rngs=rngs)
+            model.streams = StreamEdges(connector.expansion_rate)
+        model.connector_config = connector
+    return model
+
+
+def detach(model):
+    """Remove every adapter: LoRA modules give back their base Linear, residuals and stream edges become plain."""
+    from tx.models.decoder import Residual, Streams
+
+    for site, module in lora_modules(model):
+        set_module_at(model, site.tx_path, module.base)
+    for name in connector_modules(model):
+        setattr(model.layers, name, Residual())
+    if isinstance(getattr(model, "streams", None), StreamEdges):
+        model.streams = Streams()
+    model.lora_config = None
+    model.connector_config = None
+    return model
+
+
+def merge_lora(model):
+    """Fold every LoRA delta into its base weight (fp32, then the weight's dtype) and drop the LoRA modules.
+
+    Like PEFT's ``merge_and_unload``: afterwards the model is a plain model (plus any connector) that computes
+    the same function. Returns the model.
+    """
+    modules = lora_modules(model)
+    if not modules:
+        raise AdapterError("the model has no LoRA to merge")
+    for site, module in modules:
+        set_module_at(model, site.tx_path, merge(module))
+    model.lora_config = None
+    return model
+
+
+def _adapter_modules(model):
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, LoRALinear | Connector | StreamEdges):
+            yield module
+
+
+@contextlib.contextmanager
+def adapters_disabled(model) -> Iterator:
+    """Run the base model inside the block: LoRA deltas, connectors and stream edges are switched off.
+
+    Example::
+
+        with tx.adapters_disabled(model):
+            base_logits = model(ids)
+    """
+    saved = [(m, m.enabled) for m in _adapter_modules(model)]
+    try:
+        for m, _ in saved:
+            m.enabled = False
+        yield model
+    finally:
+        for m, enabled in saved:
+            m.enabled = enabled
+
+
+class ParameterCount(NamedTuple):
+    """(trainable, total) parameter counts; ``str()`` reads like PEFT's ``print_trainable_parameters``."""
+
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || trainable%: {self.percent:.4f}"
+
+
+def trainable_parameters(model) -> ParameterCount:
+    """Count trainable adapter parameters and all parameters (base + adapters), as PEFT counts them.
+
+    LoRA slots of layers that are switched off by ``LoRAConfig.layers`` are not counted (PEFT does not create them).
+    """
+    trainable = total = 0
+    for _, module in lora_modules(model):
+        per_layer = (module.lora_a.size + module.lora_b.size) / max(module.layer_mask.size, 1)
+        n = int(round(per_layer * module.layer_mask.sum()))
+        trainable += n
+        total += n
+    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Any(*_COUNTED))):
+        if isinstance(var, LoRAParam):
+            continue  # counted above, per adapted layer
+        total += int(np.prod(var.shape))
+        if isinstance(var, ConnectorParam):
+            trainable += int(np.prod(var.shape))
+    return ParameterCount(trainable, total)

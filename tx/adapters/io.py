@@ -1,0 +1,379 @@
+"""Save and load adapters: LoRA in PEFT's layout, connectors in a tx sidecar next to it.
+
+An adapter folder holds
+
+- ``adapter_config.json`` + ``adapter_model.safetensors``: the LoRA part, exactly as PEFT writes it (keys
+  ``base_model.model.<HF module path>.lora_A.weight`` ``[r, in]`` and ``...lora_B.weight`` ``[out, r]``, one pair per
+  adapted layer), so ``peft.PeftModel.from_pretrained(hf_model, folder)`` loads it and tx loads PEFT's adapters;
+- ``tx_connector_config.json`` + ``tx_connector.safetensors`` (only with a connector of ``expansion_rate > 1``): the
+  :class:`~tx.adapters.connector.ConnectorConfig` fields plus ``format_version`` and ``tx_version``, and the connector
+  variables by their nnx path in the model (``layers.attn_residual.proj``, stacked on the layer axis). PEFT ignores
+  these files.
+
+Every file is written atomically (temporary name, then rename). Only JSON and safetensors are read, never pickles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from tx.adapters.attach import (
+    attach,
+    connector_modules,
+    detach,
+    has_connector,
+    has_lora,
+    linear_sites,
+    lora_modules,
+)
+from tx.adapters.connector import ConnectorConfig
+from tx.adapters.lora import ALL_LINEAR, LoRAConfig
+from tx.errors import AdapterError, ConfigError
+from tx.models.families import LINEAR_MODULES
+from tx.safetensors_io import SafetensorsFile, atomic_write_bytes, save_tensors
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+CONNECTOR_CONFIG = "tx_connector_config.json"
+CONNECTOR_WEIGHTS = "tx_connector.safetensors"
+FORMAT_VERSION = 1  # of the tx sidecar; bump when its layout changes
+PEFT_PREFIX = "base_model.model."
+_PEFT_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight")
+# PEFT options that change what the adapter computes and that tx does not implement: key -> "unset" test.
+_UNSUPPORTED = {
+    "rank_pattern": lambda v: not v,
+    "alpha_pattern": lambda v: not v,
+    "use_dora": lambda v: not v,
+    "bias": lambda v: v in (None, "none"),
+    "modules_to_save": lambda v: not v,
+    "fan_in_fan_out": lambda v: not v,
+    "target_parameters": lambda v: not v,
+    "layer_replication": lambda v: not v,
+    "lora_bias": lambda v: not v,
+    "trainable_token_indices": lambda v: not v,
+    "use_qalora": lambda v: not v,
+}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    except OSError as exc:
+        raise AdapterError(f"{path}: cannot read ({exc.strerror})") from None
+    if not isinstance(data, dict):
+        raise AdapterError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------------- saving
+
+
+def peft_target_spec(model) -> tuple[list[str] | str, list[int] | None]:
+    """(target_modules, layers_to_transform) that make PEFT adapt exactly the modules and layers tx adapted.
+
+    When every adapted module covers the same layers: a list of names plus the layers (None = all). Otherwise
+    (e.g. a regex that picks q_proj in layer 0 and v_proj in layer 1) a regex of the exact HF module paths.
+    """
+    num_layers = model.config.num_layers
+    adapted = {site.name: tuple(int(i) for i in np.flatnonzero(m.layer_mask)) for site, m in lora_modules(model)}
+    if len(set(adapted.values())) == 1:
+        layers = list(next(iter(adapted.values())))
+        return [n for n in LINEAR_MODULES if n in adapted], (None if len(layers) == num_layers else layers)
+    parts = [
+        rf"model\.layers\.(?:{'|'.join(map(str, layers))})\.{re.escape(LINEAR_MODULES[name])}"
+        for name, layers in adapted.items()
+    ]
+    return "|".join(parts), None
+
+
+def peft_config(model) -> dict:
+    """The ``adapter_config.json`` of the model's LoRA: only keys PEFT has read for a long time."""
+    lora: LoRAConfig = model.lora_config
+    targets, layers = peft_target_spec(model)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": targets,
+        "use_rslora": lora.use_rslora,
+        "bias": "none",
+        "base_model_name_or_path": getattr(model, "name_or_path", None),
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+        "revision": None,
+    }
+    if layers is not None:
+        config["layers_to_transform"] = layers
+    return config
+
+
+def save_adapter(model, path) -> Path:
+    """Write the model's adapters to the folder ``path`` (created if needed); returns the folder.
+
+    LoRA goes to ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT layout, fp32, adapted layers only);
+    a connector with ``expansion_rate > 1`` to ``tx_connector_config.json`` + ``tx_connector.safetensors``. Files of
+    the other kind left by an earlier save into the same folder are removed, so the folder describes this model.
+    """
+    import tx
+
+    folder = Path(path)
+    modules, connectors = lora_modules(model), connector_modules(model)
+    if not modules and not connectors:
+        raise AdapterError(
+            "the model has no adapter to save: attach LoRA or a connector with expansion_rate > 1 first "
+            "(tx.attach(model, lora=tx.LoRAConfig(...)))"
+        )
+    if folder.exists() and not folder.is_dir():
+        raise AdapterError(f"{folder} is a file; save_adapter needs a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt", "tx_version": tx.__version__, "tx_format_version": str(FORMAT_VERSION)}
+    if modules:
+        tensors = {}
+        for site, module in modules:
+            a = np.asarray(jax.device_get(module.lora_a[...]), np.float32)
+            b = np.asarray(jax.device_get(module.lora_b[...]), np.float32)
+            for i in np.flatnonzero(module.layer_mask):
+                key = PEFT_PREFIX + site.hf_path(int(i))
+                tensors[f"{key}.lora_A.weight"] = a[i]
+                tensors[f"{key}.lora_B.weight"] = b[i]
+        save_tensors(tensors, folder / ADAPTER_WEIGHTS, metadata=meta)
+        _write_json(folder / ADAPTER_CONFIG, peft_config(model))
+    else:
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            (folder / name).unlink(missing_ok=True)
+    if connectors:
+        config = next(iter(connectors.values())).config
+        tensors = {}
+        for name, conn in connectors.items():
+            for var_path, var in nnx.to_flat_state(nnx.state(conn, nnx.Variable)):
+                key = ".".join(["layers", name, *map(str, var_path)])
+                tensors[key] = np.asarray(jax.device_get(var[...]))
+        save_tensors(tensors, folder / CONNECTOR_WEIGHTS, metadata=meta)
+        sidecar = {"format_version": FORMAT_VERSION, "tx_version": tx.__version__, **dataclasses.asdict(config)}
+        _write_json(folder / CONNECTOR_CONFIG, sidecar)
+    else:
+        for name in (CONNECTOR_CONFIG, CONNECTOR_WEIGHTS):
+            (folder / name).unlink(missing_ok=True)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+def lora_config_from_peft(data: dict, path: Path) -> LoRAConfig:
+    """A :class:`LoRAConfig` from a PEFT ``adapter_config.json`` dict; options tx cannot honour are errors."""
+    if data.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{path}: peft_type {data.get('peft_type')!r} is not supported; tx loads LORA adapters")
+    bad = [k for k, unset in _UNSUPPORTED.items() if k in data and not unset(data[k])]
+    if bad:
+        shown = ", ".join(f"{k}={data[k]!r}" for k in bad)
+        raise AdapterError(f"{path}: {shown} not supported by tx (tx implements plain LoRA on linear layers)")
+    if data.get("layers_pattern") not in (None, "", "layers", ["layers"]):
+        raise AdapterError(
+            f"{path}: layers_pattern {data['layers_pattern']!r} is not supported (tx models use 'layers')"
+        )
+    targets = data.get("target_modules")
+    if targets is None:
+        raise AdapterError(f"{path}: target_modules is missing; cannot tell which modules the adapter adapts")
+    if not isinstance(targets, str):
+        targets = sorted(targets)
+    try:
+        return LoRAConfig(
+            rank=data.get("r", 8),
+            alpha=data.get("lora_alpha", 8),
+            targets=targets if targets != ALL_LINEAR else ALL_LINEAR,
+            exclude=data.get("exclude_modules") or (),
+            layers=data.get("layers_to_transform"),
+            dropout=data.get("lora_dropout", 0.0) or 0.0,
+            use_rslora=bool(data.get("use_rslora", False)),
+        )
+    except ConfigError as exc:
+        raise AdapterError(f"{path}: {exc}") from None
+
+
+def connector_config_from_sidecar(data: dict, path: Path) -> ConnectorConfig:
+    """A :class:`ConnectorConfig` from ``tx_connector_config.json``; a newer format version is an error."""
+    import tx
+
+    data = dict(data)
+    version = data.pop("format_version", None)
+    written_by = data.pop("tx_version", "unknown")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise AdapterError(f"{path}: format_version must be an integer, found {version!r}")
+    if version > FORMAT_VERSION:
+        raise AdapterError(
+            f"{path} was written by a newer tx (tx {written_by}, format version {version}); this tx "
+            f"({tx.__version__}) reads format versions up to {FORMAT_VERSION}. Upgrade tx to load it."
+        )
+    fields = {f.name for f in dataclasses.fields(ConnectorConfig)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise AdapterError(f"{path}: unknown connector fields {unknown} (written by tx {written_by})")
+    try:
+        return ConnectorConfig(**data)
+    except ConfigError as exc:
+        raise AdapterError(f"{path}: {exc}") from None
+
+
+def _without_foreign_excludes(model, config: LoRAConfig) -> LoRAConfig:
+    """PEFT configs often exclude modules tx never adapts (``lm_head``); drop those entries instead of failing."""
+    paths = [site.hf_path(i) for site in linear_sites(model) for i in range(model.config.num_layers)]
+    if isinstance(config.exclude, str):
+        keep = config.exclude if any(re.fullmatch(config.exclude, p) for p in paths) else ()
+    else:
+        keep = tuple(e for e in config.exclude if any(p == e or p.endswith("." + e) for p in paths))
+    return dataclasses.replace(config, exclude=keep)
+
+
+def _open(folder: Path, name: str, described_by: str) -> SafetensorsFile:
+    path = folder / name
+    if not path.is_file():
+        pickles = [p.name for p in folder.glob("adapter_model.bin")] if name == ADAPTER_WEIGHTS else []
+        if pickles:
+            raise AdapterError(
+                f"{folder} holds only {pickles[0]} (a PyTorch pickle); tx reads safetensors only, never pickles. "
+                "Re-save it with PEFT: model.save_pretrained(folder, safe_serialization=True)"
+            )
+        raise AdapterError(f"adapter folder {folder} is missing {name} (the weights that {described_by} describes)")
+    return SafetensorsFile(path)
+
+
+def _assign(var: nnx.Variable, value: np.ndarray) -> None:
+    """Replace a variable's value, keeping its dtype and placement (sharding)."""
+    old = var[...]
+    new = np.asarray(value, dtype=old.dtype)
+    sharding = getattr(old, "sharding", None)
+    var.set_value(jax.device_put(new, sharding) if sharding is not None else jax.numpy.asarray(new))
+
+
+def _problems_error(folder: Path, file: str, problems: list[str]) -> AdapterError:
+    shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+    return AdapterError(
+        f"the adapter in {folder} does not fit this model ({file}; was it made for a different base model?):\n  - "
+        + "\n  - ".join(shown)
+    )
+
+
+def _load_lora(model, folder: Path, file: SafetensorsFile) -> None:
+    slots = {}  # (HF module path, "A"/"B") -> (variable, layer)
+    for site, module in lora_modules(model):
+        for i in np.flatnonzero(module.layer_mask):
+            slots[(site.hf_path(int(i)), "A")] = (module.lora_a, int(i))
+            slots[(site.hf_path(int(i)), "B")] = (module.lora_b, int(i))
+    found, problems = {}, []
+    for key in file.keys():
+        name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+        match = _PEFT_KEY.fullmatch(name)
+        slot = (match["module"], match["ab"]) if match else None
+        if slot not in slots:
+            problems.append(f"unexpected tensor {key!r}: not a LoRA matrix of a module the adapter config targets")
+            continue
+        if slot in found:
+            problems.append(f"tensor {key!r} duplicates {found[slot]!r}")
+            continue
+        found[slot] = key
+        var, _ = slots[slot]
+        want, got = tuple(var.shape[1:]), tuple(file.shape(key))
+        if want != got:
+            problems.append(f"tensor {key!r} has shape {got} but this model expects {want}")
+    for (module, ab), _ in slots.items():
+        if (module, ab) not in found:
+            problems.append(f"missing tensor '{PEFT_PREFIX}{module}.lora_{ab}.weight'")
+    if problems:
+        raise _problems_error(folder, ADAPTER_WEIGHTS, problems)
+    by_var: dict[int, tuple[nnx.Variable, np.ndarray]] = {}
+    for slot, key in found.items():
+        var, layer = slots[slot]
+        if id(var) not in by_var:
+            by_var[id(var)] = (var, np.array(jax.device_get(var[...]), np.float32))
+        by_var[id(var)][1][layer] = file.get(key)
+    for var, value in by_var.values():
+        _assign(var, value)
+
+
+def _load_connector(model, folder: Path, file: SafetensorsFile) -> None:
+    slots = {}
+    for name, conn in connector_modules(model).items():
+        for var_path, var in nnx.to_flat_state(nnx.state(conn, nnx.Variable)):
+            slots[".".join(["layers", name, *map(str, var_path)])] = var
+    problems = []
+    for key in file.keys():
+        if key not in slots:
+            problems.append(f"unexpected tensor {key!r}")
+        elif tuple(file.shape(key)) != tuple(slots[key].shape):
+            problems.append(
+                f"tensor {key!r} has shape {tuple(file.shape(key))} but this model expects {slots[key].shape}"
+            )
+    problems += [f"missing tensor {key!r}" for key in slots if key not in file.keys()]
+    if problems:
+        raise _problems_error(folder, CONNECTOR_WEIGHTS, problems)
+    for key, var in slots.items():
+        _assign(var, file.get(key))
+
+
+def load_adapter(model, path):
+    """Attach the adapters saved in the folder ``path`` (by tx or by PEFT) to ``model`` and load their weights.
+
+    The model must have no adapters yet. Everything is checked before the model is left changed: on any error
+    the adapters attached here are removed again. Returns the model.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise AdapterError(f"{folder} is not an adapter folder (it does not exist or is a file)")
+    if has_lora(model) or has_connector(model):
+        raise AdapterError("load_adapter needs a model without adapters; call tx.detach(model) first")
+    lora_cfg = conn_cfg = None
+    if (folder / ADAPTER_CONFIG).is_file():
+        lora_cfg = lora_config_from_peft(_read_json(folder / ADAPTER_CONFIG), folder / ADAPTER_CONFIG)
+    if (folder / CONNECTOR_CONFIG).is_file():
+        conn_cfg = connector_config_from_sidecar(_read_json(folder / CONNECTOR_CONFIG), folder / CONNECTOR_CONFIG)
+    if lora_cfg is None and conn_cfg is None:
+        raise AdapterError(
+            f"adapter folder {folder} has neither {ADAPTER_CONFIG} (a PEFT LoRA adapter) nor {CONNECTOR_CONFIG} "
+            "(a tx connector)"
+        )
+    files = []
+    try:
+        lora_file = _open(folder, ADAPTER_WEIGHTS, ADAPTER_CONFIG) if lora_cfg is not None else None
+        files.append(lora_file)
+        conn_file = None
+        if conn_cfg is not None and conn_cfg.expansion_rate > 1:
+            conn_file = _open(folder, CONNECTOR_WEIGHTS, CONNECTOR_CONFIG)
+            files.append(conn_file)
+        if lora_cfg is not None and lora_cfg.exclude:
+            lora_cfg = _without_foreign_excludes(model, lora_cfg)
+        try:
+            attach(model, lora=lora_cfg, connector=conn_cfg)
+        except ConfigError as exc:
+            raise AdapterError(f"the adapter in {folder} does not fit this model: {exc}") from None
+        try:
+            if lora_file is not None:
+                _load_lora(model, folder, lora_file)
+            if conn_file is not None:
+                _load_connector(model, folder, conn_file)
+        except BaseException:
+            detach(model)
+            raise
+    finally:
+        for f in files:
+            if f is not None:
+                f.close()
+    return model

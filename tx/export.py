@@ -1,0 +1,181 @@
+"""Export a tx model as a Hugging Face checkpoint folder that transformers (and tx) load.
+
+``save_model(model, folder)`` writes ``config.json`` (the checkpoint's own config dict), the weights under their HF
+names (stacked layers split per layer; no ``lm_head.weight`` when the embeddings are tied), sharded with
+``model.safetensors.index.json`` above ``max_shard_size``, and the tokenizer files of the source folder. LoRA is
+folded into the written weights (the in-memory model is left as it is); a connector cannot be exported, since it
+changes the architecture. Tensors are produced one shard at a time, and every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from tx.adapters.attach import has_connector, module_at
+from tx.adapters.lora import LoRALinear
+from tx.errors import AdapterError, ConfigError
+from tx.models.families import GLOBAL_WEIGHTS, LAYER_WEIGHTS
+from tx.safetensors_io import NAMES, atomic_write_bytes, save_tensors
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+# Files next to the weights that a user expects in a checkpoint folder (tokenizer, chat template, generation).
+EXTRA_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_TORCH_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def parse_size(size: int | str) -> int:
+    """``"5GB"`` (10^9), ``"500MiB"`` (2^20) or an int number of bytes -> bytes, like transformers."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
+    if match and match[2].upper() in _UNITS and float(match[1]) > 0:
+        return int(float(match[1]) * _UNITS[match[2].upper()])
+    raise ConfigError(
+        f"max_shard_size must be a positive size like '5GB', '500MB', '2GiB' or a byte count, got {size!r}"
+    )
+
+
+def _weight_entries(model) -> list[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]]:
+    """(HF key, shape, dtype, producer) for every tensor of the checkpoint, LoRA folded in."""
+    entries = []
+
+    def resolve(tx_path: str):
+        *module_path, attr = tx_path.split(".")
+        module = module_at(model, tuple(module_path))
+        lora = module if isinstance(module, LoRALinear) and module.enabled else None
+        if isinstance(module, LoRALinear):
+            module = module.base
+        var = getattr(module, attr, None) if module is not None else None
+        return var, (lora if attr == "weight" else None)
+
+    for hf, tx_path in GLOBAL_WEIGHTS.items():
+        var, _ = resolve(tx_path)
+        if var is not None:
+            entries.append(
+                (hf, tuple(var.shape), np.dtype(var.dtype), lambda var=var: np.asarray(jax.device_get(var[...])))
+            )
+    for hf, tx_path in LAYER_WEIGHTS.items():
+        var, lora = resolve(tx_path)
+        if var is None:
+            continue
+        for i in range(var.shape[0]):
+            entries.append((hf.format(i=i), tuple(var.shape[1:]), np.dtype(var.dtype), _layer_producer(var, lora, i)))
+    return entries
+
+
+def _layer_producer(var, lora: LoRALinear | None, i: int) -> Callable[[], np.ndarray]:
+    def produce() -> np.ndarray:
+        w = np.asarray(jax.device_get(var[i]))
+        if lora is None or lora.layer_mask[i] == 0:
+            return w
+        a = np.asarray(jax.device_get(lora.lora_a[i]), np.float32)
+        b = np.asarray(jax.device_get(lora.lora_b[i]), np.float32)
+        return (w.astype(np.float32) + np.float32(lora.scale) * (b @ a)).astype(w.dtype)
+
+    return produce
+
+
+def _plan_shards(entries, limit: int) -> list[list[int]]:
+    shards, current, size = [], [], 0
+    for k, (_, shape, dtype, _) in enumerate(entries):
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = [], 0
+        current.append(k)
+        size += nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def save_model(model, path, *, max_shard_size: int | str = "5GB") -> Path:
+    """Write ``model`` as a Hugging Face checkpoint folder (created if needed) and return it.
+
+    ``transformers.AutoModelForCausalLM.from_pretrained(path)`` and ``tx.load_model(path)`` load the result. LoRA
+    deltas are folded into the written weights in fp32 (as :func:`tx.merge_lora` does) without changing ``model``.
+    Weights keep the model's dtype; ``config.json``'s dtype entry is set to match.
+    """
+    if has_connector(model):
+        n = getattr(getattr(model, "connector_config", None), "expansion_rate", "> 1")
+        raise AdapterError(
+            f"cannot save a model with a connector (expansion_rate {n}) as a Hugging Face checkpoint: connectors "
+            "change the architecture, so transformers could not run it. Save the adapters with tx.save_adapter(model, "
+            "path) instead, or tx.detach(model) to export the base model."
+        )
+    raw = getattr(model.config, "raw", None)
+    if not raw:
+        raise ConfigError("the model has no original config.json dict (model.config.raw); load it with tx.load_model")
+    folder = Path(path)
+    source = Path(model.folder) if getattr(model, "folder", None) else None
+    if source is not None and folder.exists() and folder.resolve() == source.resolve():
+        raise ConfigError(
+            f"refusing to overwrite the checkpoint the model was loaded from ({source}); pick a new folder"
+        )
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{folder} is a file; save_model needs a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    entries = _weight_entries(model)
+    shards = _plan_shards(entries, parse_size(max_shard_size))
+    names = (
+        [SINGLE]
+        if len(shards) == 1
+        else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    )
+    weight_map, total = {}, 0
+    for name, shard in zip(names, shards):
+        tensors = {}
+        for k in shard:
+            key, shape, dtype, produce = entries[k]
+            tensors[key] = produce()
+            weight_map[key] = name
+            total += tensors[key].nbytes
+        save_tensors(tensors, folder / name, metadata={"format": "pt"})
+        del tensors
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        _write_text(folder / INDEX, json.dumps(index, indent=2) + "\n")
+    else:
+        (folder / INDEX).unlink(missing_ok=True)
+    for stale in folder.glob("model*.safetensors"):  # shards of an earlier save into this folder
+        if stale.name not in names:
+            stale.unlink()
+
+    config = copy.deepcopy(raw)
+    dtype_name = _TORCH_DTYPES.get(NAMES.get(entries[0][2], ""), None) if entries else None
+    if dtype_name is not None:
+        for key in ("dtype", "torch_dtype"):
+            if key in config:
+                config[key] = dtype_name
+    _write_text(folder / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if source is not None:
+        for name in EXTRA_FILES:
+            if (source / name).is_file():
+                atomic_write_bytes(folder / name, lambda tmp, src=source / name: shutil.copyfile(src, tmp))
+    return folder
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
