@@ -194,6 +194,9 @@ def test_connector_sidecar_round_trip(checkpoints, tmp_path):
     loaded = tx.load_adapter(tx.load_model(folder), out)
     assert has_connector(loaded) and loaded.connector_config == conn and loaded.streams.n == 2
     np.testing.assert_array_equal(logits(loaded, ids), got)
+    with tx.adapters_disabled(loaded):  # LoRA, both connectors and the stream edges off: the base model
+        np.testing.assert_array_equal(logits(loaded, ids), logits(tx.load_model(folder), ids))
+    assert np.abs(got - logits(tx.load_model(folder), ids)).max() > 1e-2
 
     # PEFT reads the LoRA part of the same folder and ignores the sidecar
     hf = peft_model(ref, out)

@@ -5,7 +5,9 @@ Tolerances (fp32): merge changes logits by <= 1e-5; an exported checkpoint run b
 """
 
 import copy
+import json
 import re
+import shutil
 
 import jax
 import numpy as np
@@ -13,6 +15,7 @@ import optax
 import pytest
 import torch
 from flax import nnx
+from safetensors.numpy import load_file
 
 import tx
 from tx.adapters.attach import TRAINABLE, adapters_disabled, attach, has_lora, lora_modules
@@ -236,6 +239,9 @@ def test_merge_and_export_loads_in_transformers(checkpoints, family, tmp_path):
     names = sorted(p.name for p in out.iterdir())
     assert "config.json" in names and "model.safetensors" in names and "model.safetensors.index.json" not in names
     assert not [n for n in names if ".tmp" in n]
+    written = load_file(out / "model.safetensors")
+    assert ("lm_head.weight" in written) is (family != "llama3_tied")  # a tied head is not written twice
+    assert json.loads((out / "config.json").read_text()) == json.loads((folder / "config.json").read_text())
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
     diff = np.abs(hf_logits(hf, ids) - merged).max()
     assert diff <= HF_TOL, diff
@@ -249,6 +255,16 @@ def test_merge_and_export_loads_in_transformers(checkpoints, family, tmp_path):
     # a single-file save into the same folder removes the old shards and index
     tx.save_model(model, sharded)
     assert not index.exists() and not list(sharded.glob("model-*-of-*.safetensors"))
+
+
+def test_save_model_copies_tokenizer_files(checkpoints, tmp_path):
+    source = tmp_path / "with_tokenizer"
+    shutil.copytree(checkpoints["llama"][0], source)
+    (source / "tokenizer.json").write_text('{"version": "1.0"}')
+    (source / "tokenizer_config.json").write_text('{"model_max_length": 256}')
+    out = tx.save_model(tx.load_model(source), tmp_path / "out")
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / name).read_bytes() == (source / name).read_bytes(), name
 
 
 def test_save_model_refuses_connector_and_source_folder(checkpoints, tmp_path):
