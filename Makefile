@@ -21,7 +21,7 @@ demo: $(VENV)/.base
 	$(PY) -m tx demo
 
 test: $(VENV)/.test
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q
+	$(PY) -m pytest -q
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -53,4 +53,22 @@ def make_mesh(spec: str | dict[str, int]) -> jax.sharding.Mesh:
         raise ConfigError(
             f"mesh {sizes} needs {n} devices but JAX sees {jax.device_count()}; make fsdp x tp equal the device count"
         )
-    return jax.make_mesh((sizes["fsdp"], sizes["tp"]), ("fsdp", "tp"))
+    auto = (jax.sharding.AxisType.Auto,) * 2  # GSPMD propagates shardings through the step (no explicit types)
+    return jax.make_mesh((sizes["fsdp"], sizes["tp"]), ("fsdp", "tp"), axis_types=auto)
+
+
+def batch_sharding(mesh, ndim: int) -> NamedSharding:
+    """Batches are split over "fsdp" on their row axis: [B, S] -> axis 0, [accum, B, S] -> axis 1."""
+    spec = [None] * ndim
+    spec[0 if ndim == 2 else 1] = "fsdp"
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def shard_state(mesh, state):
+    """Place every variable of an nnx State by its ``axes`` metadata (replicated when it has none)."""
+    from flax import nnx
+
+    for _, var in nnx.to_flat_state(state):
+        value = var[...]
+        var.set_value(jax.device_put(value, sharding_for(mesh, var.get_metadata().get("axes"), value.shape)))
+    return state

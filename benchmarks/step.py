@@ -1,0 +1,185 @@
+"""Train-step benchmark: LoRA alone vs LoRA + each connector kind at n = 2 and 4, on one standard shape.
+
+Prints one JSON object: per configuration seconds per step (median), tokens/s, compile seconds,
+peak memory, the step's achieved FLOP/s as a fraction of this machine's measured matmul throughput
+(a large jnp matmul timed in the same run), and the overhead of each connector over LoRA alone.
+FLOPs counted: 4 x matmul params x tokens (frozen base: forward + activation gradients; LoRA's own
+small matmuls excluded) plus attention (3 x 4 x B x S^2 x H x D per layer).
+
+Usage: python benchmarks/step.py [--steps 5] [--configs lora,mhc4] [--hidden 512 --layers 8 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+CONFIGS = {
+    "lora": None,
+    "static2": ("static", 2),
+    "static4": ("static", 4),
+    "dynamic2": ("dynamic", 2),
+    "dynamic4": ("dynamic", 4),
+    "mhc2": ("mhc", 2),
+    "mhc4": ("mhc", 4),
+}
+
+
+def model_config(a):
+    from tx.models.config import ModelConfig, RopeConfig
+
+    return ModelConfig(
+        family="qwen3",
+        model_type="qwen3",
+        architecture="Qwen3ForCausalLM",
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        intermediate_size=a.intermediate,
+        num_layers=a.layers,
+        num_heads=a.heads,
+        num_kv_heads=a.kv_heads,
+        head_dim=a.hidden // a.heads,
+        rms_norm_eps=1e-6,
+        max_positions=4096,
+        rope=RopeConfig(theta=1e6),
+        qk_norm=True,
+    )
+
+
+def matmul_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / min(times)
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_config(name, a, cfg, batch):
+    import tx
+    from tx.models.decoder import CausalLM
+
+    model = CausalLM(cfg, dtype=jnp.dtype(a.dtype), rngs=nnx.Rngs(0))
+    spec = CONFIGS[name]
+    conn = tx.ConnectorConfig(expansion_rate=spec[1], kind=spec[0]) if spec else None
+    tx.attach(model, lora=tx.LoRAConfig(rank=a.rank, alpha=2 * a.rank), connector=conn)
+    trainer = tx.Trainer(
+        model,
+        tx.TrainConfig(steps=a.steps + 1, batch_size=a.batch, seq_len=a.seq, lr=1e-4, remat=a.remat, progress=False),
+    )
+    t = time.perf_counter()
+    jax.block_until_ready(trainer.step(batch))
+    compile_s = time.perf_counter() - t
+    times = []
+    for _ in range(a.steps):
+        t = time.perf_counter()
+        jax.block_until_ready(trainer.step(batch))
+        times.append(time.perf_counter() - t)
+    mem = None
+    try:
+        lowered = trainer._train_step.lower(
+            trainer.states, trainer.opt_state, trainer.rng, trainer.rest, trainer._prepare(batch), jnp.asarray(0)
+        )
+        m = lowered.compile().memory_analysis()
+        mem = round((m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes) / 2**20, 1)
+    except Exception:  # not every backend reports it
+        pass
+    return {
+        "seconds_per_step": statistics.median(times),
+        "min_seconds_per_step": min(times),
+        "compile_seconds": compile_s,
+        "step_memory_mb": mem,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--intermediate", type=int, default=1536)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--remat", action="store_true")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--configs", default="lora,static2,static4,dynamic2,dynamic4,mhc2,mhc4")
+    a = ap.parse_args()
+    cfg = model_config(a)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, a.vocab, size=(a.batch, a.seq + 1)).astype(np.int32)
+    batch = {
+        "input_ids": ids[:, :-1],
+        "targets": ids[:, 1:],
+        "loss_mask": np.ones((a.batch, a.seq), np.float32),
+        "segment_ids": np.ones((a.batch, a.seq), np.int32),
+        "positions": np.broadcast_to(np.arange(a.seq, dtype=np.int32), (a.batch, a.seq)).copy(),
+    }
+    tokens = a.batch * a.seq
+    c, i, L, hd = a.hidden, a.intermediate, a.layers, a.hidden // a.heads
+    matmul_params = L * (c * a.heads * hd * 2 + c * a.kv_heads * hd * 2 + 3 * c * i) + c * a.vocab
+    flops = 4 * matmul_params * tokens + 3 * 4 * a.batch * a.seq**2 * a.heads * hd * L
+    peak = matmul_flops_per_s()
+    out = {
+        "device": str(jax.devices()[0].device_kind),
+        "backend": jax.default_backend(),
+        "shape": {
+            k: getattr(a, k)
+            for k in (
+                "hidden",
+                "intermediate",
+                "layers",
+                "heads",
+                "kv_heads",
+                "vocab",
+                "batch",
+                "seq",
+                "rank",
+                "dtype",
+                "remat",
+            )
+        },
+        "step_flops": flops,
+        "matmul_gflops_per_s": round(peak / 1e9, 1),
+        "configs": {},
+    }
+    for name in a.configs.split(","):
+        r = run_config(name, a, cfg, batch)
+        r["tokens_per_s"] = tokens / r["seconds_per_step"]
+        r["fraction_of_matmul_peak"] = flops / r["seconds_per_step"] / peak
+        out["configs"][name] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+    base = out["configs"].get("lora")
+    if base:
+        out["overhead_vs_lora"] = {
+            k: round(v["seconds_per_step"] / base["seconds_per_step"] - 1, 4)
+            for k, v in out["configs"].items()
+            if k != "lora"
+        }
+    out["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""The ``tx`` command: a thin layer over the Python API (demo, verify, finetune, generate, eval, merge)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DESCRIPTION = """Fine-tune pretrained Hugging Face checkpoints with LoRA and (manifold-constrained) hyper-connections.
+
+MODEL is a local checkpoint folder (config.json + *.safetensors) or a hub id such as Qwen/Qwen3-0.6B.
+Run 'tx COMMAND --help' for the options of each command."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _model_args(p, adapter=True):
+    p.add_argument("--model", required=True, metavar="MODEL", help="checkpoint folder or hub id")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="parameter and compute dtype (default: float32)",
+    )
+    if adapter:
+        p.add_argument("--adapter", metavar="DIR", help="adapter folder written by tx or PEFT")
+
+
+def _adapter_args(p):
+    g = p.add_argument_group("adapters")
+    g.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r; 0 disables LoRA (default: 8)")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
+    g.add_argument(
+        "--targets",
+        default="all-linear",
+        help="'all-linear', comma-separated module names (q_proj,v_proj) or a regex on the module path",
+    )
+    g.add_argument("--use-rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
+    g.add_argument("--expansion-rate", type=int, default=4, help="connector streams n; 1 = no connector (default: 4)")
+    g.add_argument("--kind", default="mhc", choices=["mhc", "dynamic", "static"], help="connector kind (default: mhc)")
+    g.add_argument("--no-train-connector", action="store_true", help="freeze the connector (trainable=False)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tx import __version__
+
+    ap = _Parser(prog="tx", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"tx {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser(
+        "demo",
+        help="offline end-to-end run on the embedded default model",
+        description="Load the embedded tiny model (or --model), attach mHC + LoRA, verify identity, "
+        "fine-tune on a synthetic chat task, show eval loss and samples before/after, save the adapter, "
+        "reload it and check the logits, and plot the loss curve.",
+    )
+    p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the embedded demo model)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: 300)")
+    p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    p.add_argument("--expansion-rate", type=int, default=4)
+    p.add_argument("--kind", default="mhc", choices=["mhc", "dynamic", "static"])
+
+    p = sub.add_parser(
+        "verify",
+        help="check that adapters are a no-op at init",
+        description="Attach adapters and compare logits with adapters disabled vs enabled. "
+        "Exits 1 when the difference exceeds the tolerance.",
+    )
+    _model_args(p, adapter=False)
+    _adapter_args(p)
+    p.add_argument("--text", default="The quick brown fox jumps over the lazy dog.", help="text to run")
+    p.add_argument("--tolerance", type=float, default=None, help="relative tolerance (default: 1e-6 fp32, 5e-2 bf16)")
+
+    p = sub.add_parser(
+        "finetune",
+        help="train adapters on JSONL data",
+        description='Train LoRA and/or connector adapters. Data: JSONL lines {"text": ...} or '
+        '{"messages": [{"role": ..., "content": ...}]} (loss on assistant tokens only).',
+    )
+    _model_args(p, adapter=False)
+    p.add_argument("--data", required=True, help="training JSONL file")
+    p.add_argument("--eval-data", help="evaluation JSONL file")
+    p.add_argument("--eval-fraction", type=float, default=0.0, help="carve this fraction out of --data for eval")
+    _adapter_args(p)
+    t = p.add_argument_group("training")
+    t.add_argument("--steps", type=int, default=100)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--seq-len", type=int, default=512)
+    t.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of LoRA (default: 2e-4)")
+    t.add_argument(
+        "--connector-lr", type=float, default=None, help="peak learning rate of the connector (default: --lr)"
+    )
+    t.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
+    t.add_argument("--warmup-steps", type=int, default=0)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--grad-clip", type=float, default=1.0)
+    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (batch-size must divide)")
+    t.add_argument("--remat", action="store_true", help="gradient checkpointing of each layer")
+    t.add_argument("--pad", action="store_true", help="one document per row, padded (default: packed)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--eval-every", type=int, default=0)
+    t.add_argument("--save-every", type=int, default=0)
+    t.add_argument("--mesh", default=None, help="device mesh, e.g. fsdp=4,tp=2 (default: one device)")
+    t.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, adapter/")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+
+    p = sub.add_parser("generate", help="generate text", description="Generate a continuation of --prompt.")
+    _model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message of the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("eval", help="mean token loss on JSONL data", description="Mean token loss on --data.")
+    _model_args(p)
+    p.add_argument("--data", required=True)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+
+    p = sub.add_parser(
+        "merge",
+        help="fold LoRA into the base and save a HF checkpoint",
+        description="Fold a LoRA adapter into the base weights and save a Hugging Face checkpoint "
+        "that transformers loads. Adapters with a connector cannot be merged (it changes the "
+        "architecture).",
+    )
+    _model_args(p)
+    p.add_argument("--out", required=True)
+    return ap
+
+
+def _configs(args):
+    import tx
+
+    if args.lora_rank < 0:
+        raise tx.errors.ConfigError(f"--lora-rank must be >= 0, got {args.lora_rank}")
+    if args.expansion_rate < 1:
+        raise tx.errors.ConfigError(f"--expansion-rate must be >= 1, got {args.expansion_rate}")
+    lora = None
+    if args.lora_rank > 0:
+        targets = args.targets
+        if targets != "all-linear" and "," in targets or targets.isidentifier():
+            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
+        lora = tx.LoRAConfig(rank=args.lora_rank, alpha=alpha, targets=targets, use_rslora=args.use_rslora)
+    conn = None
+    if args.expansion_rate > 1:
+        conn = tx.ConnectorConfig(
+            expansion_rate=args.expansion_rate, kind=args.kind, trainable=not args.no_train_connector
+        )
+    return lora, conn
+
+
+def _load(args):
+    import tx
+
+    model = tx.load_model(args.model, dtype=args.dtype)
+    if getattr(args, "adapter", None):
+        tx.load_adapter(model, args.adapter)
+    return model
+
+
+def cmd_verify(args) -> int:
+    import tx
+
+    lora, conn = _configs(args)
+    if args.tolerance is not None and args.tolerance <= 0:
+        raise tx.errors.ConfigError(f"--tolerance must be > 0, got {args.tolerance}")
+    model = tx.load_model(args.model, dtype=args.dtype)
+    if lora or conn:
+        tx.attach(model, lora=lora, connector=conn)
+    tok = tx.load_tokenizer(args.model)
+    ids = tok.encode(args.text).ids
+    report = tx.verify_identity(model, [ids], tolerance=args.tolerance)
+    print(f"model: {args.model} ({model.config.architecture}, {model.config.num_layers} layers)")
+    print(
+        f"adapters: lora={'rank ' + str(lora.rank) if lora else 'none'}, "
+        f"connector={conn.kind + ' n=' + str(conn.expansion_rate) if conn else 'none'}"
+    )
+    print(tx.trainable_parameters(model))
+    print(report)
+    return 0 if report.passed else 1
+
+
+def cmd_finetune(args) -> int:
+    import tx
+    from tx.sharding import make_mesh
+
+    lora, conn = _configs(args)
+    if lora is None and (conn is None or not conn.trainable):
+        raise tx.errors.ConfigError(
+            "nothing to train: set --lora-rank > 0 or a trainable connector (--expansion-rate > 1)"
+        )
+    if args.eval_data and args.eval_fraction:
+        raise tx.errors.ConfigError("--eval-data and --eval-fraction conflict: give one of them")
+    mesh = make_mesh(args.mesh) if args.mesh else None
+    cfg = tx.TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        connector_lr=args.connector_lr,
+        schedule=args.schedule,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        grad_accum=args.grad_accum,
+        remat=args.remat,
+        seed=args.seed,
+        pack="pad" if args.pad else "pack",
+        eval_fraction=args.eval_fraction,
+        eval_every=args.eval_every,
+        save_every=args.save_every,
+        out=args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+    )
+    for path in filter(None, (args.data, args.eval_data)):
+        if not Path(path).is_file():
+            raise tx.errors.ConfigError(f"data file {path} does not exist")
+    tok = tx.load_tokenizer(args.model)
+    model = tx.load_model(args.model, dtype=args.dtype, mesh=mesh)
+    tx.attach(model, lora=lora, connector=conn)
+    print(tx.trainable_parameters(model))
+    result = tx.Trainer(model, cfg, mesh=mesh).fit(args.data, args.eval_data, tokenizer=tok)
+    losses = [h["loss"] for h in result["history"] if "loss" in h]
+    if losses:
+        print(f"final train loss {losses[-1]:.4f}")
+    if "eval_loss" in result:
+        print(f"eval loss {result['eval_loss']:.4f}")
+    print(f"adapter saved to {Path(args.out) / 'adapter'}; metrics in {Path(args.out) / 'metrics.jsonl'}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import tx
+
+    model = _load(args)
+    tok = tx.load_tokenizer(args.model)
+    print(
+        tx.generate(
+            model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed, chat=args.chat
+        )
+    )
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import tx
+    from tx.train.data import Dataset
+
+    model = _load(args)
+    tok = tx.load_tokenizer(args.model)
+    data = Dataset(
+        args.data,
+        tok,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        shuffle=False,
+        max_positions=model.config.max_positions,
+        vocab_size=model.config.vocab_size,
+    )
+    from tx.train.evaluate import eval_loss
+
+    loss = eval_loss(model, data)
+    print(json.dumps({"eval_loss": loss, "tokens": data.num_loss_tokens}))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    import tx
+
+    model = _load(args)
+    if not args.adapter:
+        raise tx.errors.ConfigError("merge needs --adapter DIR (the LoRA adapter to fold in)")
+    tx.merge_lora(model)
+    tx.save_model(model, args.out)
+    print(f"merged checkpoint written to {args.out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from tx.demo import run_demo
+
+    return run_demo(
+        model=args.model, steps=args.steps, out=args.out, expansion_rate=args.expansion_rate, kind=args.kind
+    )
+
+
+COMMANDS = {
+    "demo": cmd_demo,
+    "verify": cmd_verify,
+    "finetune": cmd_finetune,
+    "generate": cmd_generate,
+    "eval": cmd_eval,
+    "merge": cmd_merge,
+}
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    from tx.errors import TxError
+
+    try:
+        return COMMANDS[args.command](args)
+    except TxError as exc:
+        print(f"tx {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tx {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
