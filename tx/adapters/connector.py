@@ -1,0 +1,403 @@
+"""Hyper-connections as an adapter: a learned replacement for the residual connection of a pretrained block.
+
+A pre-norm block computes ``h <- h + f(h)`` around attention and around the MLP (``f`` includes the sublayer's own
+norm). A connector widens the residual stream to ``n`` streams ``x: [B, S, n, C]`` and computes, per token::
+
+    u     = sum_i H_pre[i] x[i]                        collapse: the sublayer input, [B, S, C]
+    y     = f(u)                                       the pretrained sublayer, unchanged
+    x'[j] = sum_i H_res[i, j] x[i] + H_post[j] y       mix (DeepSeek convention: x' = H_res^T x + H_post y)
+
+``H_res[i, j]`` is the weight of input stream ``i`` in output stream ``j``. This is the convention of DeepSeek-V4
+(transformers ``DeepseekV4HyperConnection``, where ``comb`` is consumed as ``comb^T @ x``) and of the PyPI
+``hyper_connections`` package (``static_alpha[:, 1:]``); the mHC paper writes ``H_res @ x``, the transpose.
+:class:`StreamEdges` copies the embedding output into the ``n`` streams and reduces them by mean before the final
+norm.
+
+Every kind writes its raw coefficients as ``z = base + scale * d`` where ``d`` is the input-dependent (or, for
+"static", random) part, ``scale = [a_pre, a_post, a_res]`` the gates, and order ``[pre (n), post (n), res (n*n)]``:
+
+- ``static``  (HC eq. 1-5): ``d`` is a trainable random vector; ``H = z``.
+- ``dynamic`` (HC eq. 10-13, tanh): ``d[i] = tanh(rmsnorm(x[i]) @ proj)`` per stream ``i``, ``proj: [C, 2 + n]``
+  with columns ``[pre, post, res_0 .. res_{n-1}]``; ``H_pre[i] = z_pre[i]``, ``H_post[i] = z_post[i]``,
+  ``H_res[i, j] = z_res[i, j]``.
+- ``mhc`` (DeepSeek mHC): ``d = rmsnorm(flatten(x)) @ proj``, ``proj: [n * C, 2n + n*n]``;
+  ``H_pre = sigmoid(z_pre) + eps``, ``H_post = 2 sigmoid(z_post)`` and
+  ``H_res = (1 - g) I + g Sinkhorn(softmax(z_res) + eps)`` with a gate ``g = reflect_gate(res_gate)`` in [0, 1].
+
+Initialisation (every kind): ``scale = 0`` so the input-dependent part is exactly 0, ``H_pre = 1/n``,
+``H_post = 1``, ``H_res = I``, and ``res_gate = 0`` for mhc (Sinkhorn cannot reach ``I`` from finite logits; the
+convex blend is exactly ``I`` at ``g = 0`` and doubly stochastic for every ``g`` in [0, 1]; ``g`` reflects
+``res_gate`` into [0, 1] with slope +-1, so it never sticks at 0 the way a clipped gate would).
+
+Why the random ``proj`` behind zero gates (see ``shared/design/MHC.md``, symmetry): at init the ``n`` streams are
+equal copies and every coefficient treats them alike, so a parameter that only sees per-stream gradients (``base``)
+moves all streams alike forever. A zero gate keeps the forward pass exact while its gradient, summed against the
+random ``d``, is non-zero and differs per stream: after one step ``H_pre`` and ``H_post`` differ between streams
+and the streams separate. "static" coefficients do not see ``x``, so it uses the same device with a random
+trainable ``d``. Zero at the very first step by design: the gradient of ``proj`` (behind a zero gate) and, for mhc,
+of everything behind ``g = 0``. ``res_gate``'s own gradient is zero too while the stack is stream-symmetric:
+``<dL/dH_res, P - I> = 0`` for every row-stochastic ``P`` then, so no doubly stochastic parametrisation can do
+better; it is second order in the stream asymmetry (``sum_ij (P - I)[i, j] <dL/dx'_j - mean, x_i - mean>``) and
+grows once the pre / post gates have separated the streams.
+
+Coefficients, norms and Sinkhorn run in fp32 whatever the activation dtype; they are cast to ``x.dtype`` only for
+the collapse and the mix. ``n = 1`` is the plain residual: no variables and ``x + f(x)`` bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tx.errors import AdapterError, ConfigError
+
+KINDS = ("static", "dynamic", "mhc")
+_F32 = jnp.float32
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ConnectorConfig:
+    """What kind of hyper-connection to attach and how.
+
+    Attributes:
+        expansion_rate: number of residual streams ``n`` (1 = the plain residual).
+        kind: "static" (HC static), "dynamic" (HC dynamic, tanh) or "mhc" (DeepSeek manifold-constrained HC).
+        trainable: connector variables are :class:`ConnectorParam` (trained) or :class:`FrozenConnectorParam`.
+        sinkhorn_iters: Sinkhorn row/column iterations for mhc (DeepSeek counts ``2 * iters - 1`` normalisations).
+        sinkhorn_balance: end Sinkhorn with an exact balancing step (see :func:`sinkhorn`); False is DeepSeek-V4.
+        eps: mhc epsilon added to ``H_pre``, to the softmax and to the Sinkhorn denominators (DeepSeek ``hc_eps``).
+        norm_eps: epsilon inside the square root of the RMS norms that feed the projections.
+    """
+
+    expansion_rate: int = 4
+    kind: str = "mhc"
+    trainable: bool = True
+    sinkhorn_iters: int = 20
+    sinkhorn_balance: bool = True
+    eps: float = 1e-6
+    norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        if isinstance(self.expansion_rate, bool) or not isinstance(self.expansion_rate, int) or self.expansion_rate < 1:
+            raise ConfigError(
+                f"expansion_rate must be an integer >= 1 (1 = plain residual), got {self.expansion_rate!r}"
+            )
+        if self.kind not in KINDS:
+            raise ConfigError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {self.kind!r}")
+        if isinstance(self.sinkhorn_iters, bool) or not isinstance(self.sinkhorn_iters, int) or self.sinkhorn_iters < 1:
+            raise ConfigError(f"sinkhorn_iters must be an integer >= 1, got {self.sinkhorn_iters!r}")
+        for name in ("trainable", "sinkhorn_balance"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("eps", "norm_eps"):  # > 0: they keep Sinkhorn and the norms finite on all-zero input
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0.0 < value < 0.1:
+                raise ConfigError(f"{name} must be a float in (0, 0.1), got {value!r}")
+        if self.kind == "mhc" and self.expansion_rate > 1 and not self.eps < 1.0 / self.expansion_rate:
+            raise ConfigError(f"eps must be below 1 / expansion_rate for kind 'mhc', got {self.eps!r}")
+
+
+class ConnectorParam(nnx.Variable):
+    """Trainable connector state; the trainer takes gradients of this type only."""
+
+
+class FrozenConnectorParam(nnx.Variable):
+    """Connector state kept fixed (``ConnectorConfig(trainable=False)``); neither a ConnectorParam nor an nnx.Param."""
+
+
+# ----------------------------------------------------------------------------------------------- pure functions
+
+
+def sinkhorn(logits: jax.Array, iters: int = 20, eps: float = 1e-6, *, balance: bool = True) -> jax.Array:
+    """Doubly stochastic matrices ``[..., n, n]`` from logits, in fp32; DeepSeek-V4's algorithm plus a balancing step.
+
+    ``P = softmax(logits, rows) + eps``, then a column normalisation followed by ``iters - 1`` pairs of row and
+    column normalisations, each dividing by ``sum + eps`` (exactly DeepSeek-V4 with ``balance=False``). The
+    max-subtracted softmax keeps logits of any size finite. The last step normalises columns, so column sums are
+    exact up to ``eps``; row sums converge slowly for peaked logits (20 iterations leave errors of several percent
+    at logits of +-5). ``balance`` then moves each excess row's surplus, proportionally to its entries, into the
+    deficit rows of the same column: rows sum to 1, columns keep their sums, entries stay non-negative, and a
+    converged matrix moves by no more than its row error.
+    """
+    p = jax.nn.softmax(logits.astype(_F32), axis=-1) + eps
+    p = p / (p.sum(axis=-2, keepdims=True) + eps)
+
+    def rows_then_columns(_, p):
+        p = p / (p.sum(axis=-1, keepdims=True) + eps)
+        return p / (p.sum(axis=-2, keepdims=True) + eps)
+
+    # Unrolled, XLA fuses the iterations into a few kernels (GPU/TPU); on CPU a rolled loop runs as fast and
+    # compiles several times faster (the gradient of 20 unrolled iterations takes ~10 s to compile on 2 cores).
+    unroll = jax.default_backend() != "cpu"
+    p = jax.lax.fori_loop(0, iters - 1, rows_then_columns, p, unroll=unroll)
+    if balance:
+        rows = p.sum(axis=-1)
+        surplus, deficit = jnp.maximum(rows - 1.0, 0.0), jnp.maximum(1.0 - rows, 0.0)
+        take = surplus / rows  # fraction of each excess row that leaves it, < 1
+        moved = jnp.einsum("...i,...ij->...j", take, p)  # mass leaving each column's excess rows
+        give = deficit / jnp.maximum(deficit.sum(axis=-1, keepdims=True), 1e-30)  # deficit rows' shares, sum 1
+        p = p - take[..., :, None] * p + give[..., :, None] * moved[..., None, :]
+    return p
+
+
+@jax.custom_jvp
+def reflect_gate(g: jax.Array) -> jax.Array:
+    """``g`` folded into [0, 1] by reflection at 0 and 1 (a triangle wave of period 2), exact on [0, 1].
+
+    The derivative is +-1 everywhere, +1 at the kinks, so a gate starting at exactly 0 has a full gradient and
+    a step that overshoots below 0 comes back as a small positive gate instead of sticking (as a clip would).
+    """
+    m = jnp.mod(jnp.abs(g), 2.0)
+    return jnp.where(m <= 1.0, m, 2.0 - m)
+
+
+@reflect_gate.defjvp
+def _reflect_gate_jvp(primals, tangents):
+    (g,), (t,) = primals, tangents
+    m = jnp.mod(jnp.abs(g), 2.0)
+    slope = jnp.where(g >= 0, 1.0, -1.0) * jnp.where(m <= 1.0, 1.0, -1.0)
+    return reflect_gate(g), slope.astype(t.dtype) * t
+
+
+def collapse(x: jax.Array, h_pre: jax.Array) -> jax.Array:
+    """``u = sum_i H_pre[i] x[i]``: x ``[B, S, n, C]``, h_pre ``[B, S, n]`` or ``[n]`` -> ``[B, S, C]`` (x.dtype)."""
+    return jnp.einsum("...i,...ic->...c", h_pre.astype(x.dtype), x)
+
+
+def mix(x: jax.Array, y: jax.Array, h_post: jax.Array, h_res: jax.Array) -> jax.Array:
+    """``x'[j] = sum_i H_res[i, j] x[i] + H_post[j] y``; x ``[B, S, n, C]``, y ``[B, S, C]`` -> ``[B, S, n, C]``.
+
+    h_post ``[B, S, n]`` or ``[n]``, h_res ``[B, S, n, n]`` or ``[n, n]``; both are cast to ``x.dtype``.
+    """
+    dt = x.dtype
+    return jnp.einsum("...ij,...ic->...jc", h_res.astype(dt), x) + h_post.astype(dt)[..., None] * y[..., None, :]
+
+
+def _rms_scale(x: jax.Array, eps: float) -> jax.Array:
+    """``1 / sqrt(mean(x^2) + eps)`` over the last axis, fp32; the norm is applied after the (linear) projection."""
+    xf = x.astype(_F32)
+    return jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1) + eps)
+
+
+def _split(z: jax.Array, n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``[..., 2n + n*n]`` in order [pre, post, res] -> (``[..., n]``, ``[..., n]``, ``[..., n, n]``)."""
+    return z[..., :n], z[..., n : 2 * n], z[..., 2 * n :].reshape(*z.shape[:-1], n, n)
+
+
+# ---------------------------------------------------------------------------------------------------- modules
+
+
+class Connector(nnx.Module):
+    """Replaces one residual connection ``h <- h + f(h)`` of a pretrained pre-norm block (see the module docstring).
+
+    Variables carry a leading layer axis of size ``num_layers``; the model scans over it, so ``__call__`` and
+    :meth:`coefficients` see one layer's slice. For ``n >= 2`` (``p = 2n + n*n``):
+
+    - ``base [L, p]``: static part in order [pre, post, res] (res row-major, ``[i, j]``).
+    - ``scale [L, 3]``: gates ``[a_pre, a_post, a_res]`` of the input-dependent part, 0 at init.
+    - ``proj``: static ``[L, p]``, dynamic ``[L, C, 2 + n]``, mhc ``[L, n*C, p]``; random at init.
+    - ``res_gate [L]`` (mhc only): ``g`` of ``H_res = (1 - g) I + g Sinkhorn(...)``, 0 at init.
+
+    Example:
+        >>> conn = Connector(ConnectorConfig(expansion_rate=2, kind="mhc"), 8, 3, rngs=nnx.Rngs(0))
+        >>> layer = connector_layer(conn, 0)
+        >>> x = jnp.ones((1, 5, 2, 8))
+        >>> layer(x, jnp.tanh).shape
+        (1, 5, 2, 8)
+    """
+
+    def __init__(self, config: ConnectorConfig, hidden_size: int, num_layers: int, *, rngs: nnx.Rngs):
+        self.config = config
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.enabled = True
+        n, c, layers = config.expansion_rate, hidden_size, num_layers
+        if n == 1:  # the plain residual: nothing to learn
+            return
+        param = ConnectorParam if config.trainable else FrozenConnectorParam
+        p = 2 * n + n * n
+        if config.kind == "mhc":
+            b_pre = math.log((1.0 / n - config.eps) / (1.0 - 1.0 / n + config.eps))  # sigmoid(b) + eps = 1/n
+            base = np.concatenate([np.full(n, b_pre), np.zeros(n), np.zeros(n * n)])  # 2 sigmoid(0) = 1
+        else:
+            base = np.concatenate([np.full(n, 1.0 / n), np.ones(n), np.eye(n).ravel()])
+        self.base = param(jnp.broadcast_to(jnp.asarray(base, _F32), (layers, p)))
+        self.scale = param(jnp.zeros((layers, 3), _F32))
+        key = rngs.params()
+        shape, fan_in = {
+            "static": ((layers, p), 1),
+            "dynamic": ((layers, c, 2 + n), c),
+            "mhc": ((layers, n * c, p), n * c),
+        }[config.kind]
+        self.proj = param(jax.random.normal(key, shape, _F32) / math.sqrt(fan_in))  # d ~ N(0, 1) per entry
+        if config.kind == "mhc":
+            self.res_gate = param(jnp.zeros((layers,), _F32))
+
+    @property
+    def n(self) -> int:
+        return self.config.expansion_rate
+
+    def _raw(self, x: jax.Array):
+        """Raw coefficients ``z = base + scale * d`` (fp32) as (pre, post, res); static kind without [B, S]."""
+        n, kind = self.n, self.config.kind
+        base, scale, proj = self.base[...], self.scale[...], self.proj[...]
+        if kind == "static":
+            d_pre, d_post, d_res = _split(proj, n)
+        elif kind == "dynamic":
+            d = jnp.einsum("...ic,ck->...ik", x.astype(_F32), proj, precision=_HIGHEST)
+            d = jnp.tanh(d * _rms_scale(x, self.config.norm_eps)[..., None])  # [B, S, n, 2 + n]
+            d_pre, d_post, d_res = d[..., 0], d[..., 1], d[..., 2:]
+        else:
+            xf = x.reshape(*x.shape[:-2], n * x.shape[-1])
+            d = jnp.matmul(xf.astype(_F32), proj, precision=_HIGHEST)
+            d_pre, d_post, d_res = _split(d * _rms_scale(xf, self.config.norm_eps)[..., None], n)
+        b_pre, b_post, b_res = _split(base, n)
+        return b_pre + scale[0] * d_pre, b_post + scale[1] * d_post, b_res + scale[2] * d_res
+
+    def _coefficients(self, x: jax.Array):
+        z_pre, z_post, z_res = self._raw(x)
+        if self.config.kind != "mhc":
+            return z_pre, z_post, z_res
+        eps = self.config.eps
+        h_pre = jax.nn.sigmoid(z_pre) + eps
+        h_post = 2.0 * jax.nn.sigmoid(z_post)
+        g = reflect_gate(self.res_gate[...])
+        h_res = (1.0 - g) * jnp.eye(self.n, dtype=_F32) + g * sinkhorn(
+            z_res, self.config.sinkhorn_iters, eps, balance=self.config.sinkhorn_balance
+        )
+        return h_pre, h_post, h_res
+
+    def coefficients(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Per-token fp32 ``(h_pre [B, S, n], h_post [B, S, n], h_res [B, S, n, n])`` for streams x ``[B, S, n, C]``.
+
+        Call it on one layer (``connector_layer(conn, i)``); ``h_res[..., i, j]`` weighs input stream i in output j.
+        """
+        lead = x.shape[:-2]
+        n = self.n
+        if n == 1:
+            one = jnp.ones((*lead, 1), _F32)
+            return one, one, one[..., None]
+        h_pre, h_post, h_res = self._coefficients(x)
+        return (
+            jnp.broadcast_to(h_pre, (*lead, n)),
+            jnp.broadcast_to(h_post, (*lead, n)),
+            jnp.broadcast_to(h_res, (*lead, n, n)),
+        )
+
+    def __call__(self, x: jax.Array, f: Callable[[jax.Array], jax.Array]) -> jax.Array:
+        """Streams x ``[B, S, n, C]`` and sublayer f ``[B, S, C] -> [B, S, C]`` -> ``[B, S, n, C]``.
+
+        Disabled (``enabled = False``): the plain residual ``x + f(x)`` on ``x [B, S, C]``.
+        """
+        if not self.enabled:
+            return x + f(x)
+        if self.n == 1:
+            return x + f(x[..., 0, :])[..., None, :]
+        # per-token coefficients even for "static": on CPU the batched-matmul mix measured ~3x faster than [n, n]
+        h_pre, h_post, h_res = self.coefficients(x)
+        return mix(x, f(collapse(x, h_pre)), h_post, h_res)
+
+
+class StreamEdges(nnx.Module):
+    """Model edges: expand the embedding output to n streams; reduce them (mean) before the final norm.
+
+    The mean makes the widened model equal to the base model at init (a sum would give ``n * h``, equal only up to
+    the final RMSNorm's eps). When ``enabled`` is False both are the identity on ``[B, S, C]``.
+    """
+
+    def __init__(self, n: int):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"expansion_rate must be an integer >= 1, got {n!r}")
+        self.n = n
+        self.enabled = True
+
+    def expand(self, h: jax.Array) -> jax.Array:
+        """``[B, S, C] -> [B, S, n, C]``: n copies of h."""
+        if not self.enabled:
+            return h
+        return jnp.broadcast_to(h[..., None, :], (*h.shape[:-1], self.n, h.shape[-1]))
+
+    def reduce(self, x: jax.Array) -> jax.Array:
+        """``[B, S, n, C] -> [B, S, C]``: mean over the streams (accumulated in fp32)."""
+        if not self.enabled:
+            return x
+        if self.n == 1:
+            return x[..., 0, :]
+        return jnp.mean(x, axis=-2, dtype=_F32).astype(x.dtype)
+
+
+# ------------------------------------------------------------------------------------ layers and reference weights
+
+
+def connector_layer(connector: Connector, i: int) -> Connector:
+    """Layer ``i`` of a stacked connector as a standalone module (variables without the layer axis), as in the scan."""
+    graphdef, state = nnx.split(connector)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+
+
+def set_layer_values(connector: Connector, i: int, values: Mapping[str, np.ndarray]) -> None:
+    """Write one layer's variables (names as in :class:`Connector`, shapes without the layer axis) into slot ``i``."""
+    for name, value in values.items():
+        var = getattr(connector, name, None)
+        if not isinstance(var, nnx.Variable):
+            raise AdapterError(f"connector has no variable {name!r} (kind {connector.config.kind!r})")
+        value = jnp.asarray(value, _F32)
+        if value.shape != var.shape[1:]:
+            raise AdapterError(f"connector variable {name!r}: expected shape {var.shape[1:]}, got {value.shape}")
+        var[...] = var[...].at[i].set(value)
+
+
+def _streams_from_size(p: int) -> int:
+    n = round(math.sqrt(1 + p) - 1)
+    if 2 * n + n * n != p:
+        raise AdapterError(f"a projection of {p} outputs is not 2n + n*n for any n")
+    return n
+
+
+def deepseek_v4_values(fn: np.ndarray, base: np.ndarray, scale: np.ndarray) -> dict[str, np.ndarray]:
+    """One ``DeepseekV4HyperConnection`` (``fn [2n+n*n, n*C]``, ``base [2n+n*n]``, ``scale [3]``) as mhc values.
+
+    The layout and the H_res convention are the same (DeepSeek consumes ``comb^T @ x``), so only ``fn`` is
+    transposed; ``res_gate = 1`` opens the gate fully so ``H_res`` is the pure Sinkhorn matrix.
+    """
+    fn, base, scale = (np.asarray(a, np.float32) for a in (fn, base, scale))
+    _streams_from_size(base.shape[0])
+    return {"proj": fn.T, "base": base, "scale": scale, "res_gate": np.float32(1.0)}
+
+
+def hyper_connections_values(
+    static_alpha: np.ndarray,
+    static_beta: np.ndarray,
+    dynamic_alpha_fn: np.ndarray,
+    dynamic_alpha_scale: float,
+    dynamic_beta_fn: np.ndarray,
+    dynamic_beta_scale: float,
+    norm_gamma: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """``hyper_connections.HyperConnections`` (tanh, one branch input, no fracs) as dynamic-kind values.
+
+    ``static_alpha [n, 1 + n]`` holds ``[H_pre | H_res]`` in our convention (``H_res[i, j] = alpha[i, 1 + j]``),
+    ``static_beta [n]`` holds ``H_post``. Its norm ``x / rms(x) * (1 + gamma)`` is folded into the projection:
+    ``proj = diag(1 + gamma) [alpha_fn[:, :1] | beta_fn | alpha_fn[:, 1:]]``. The alpha scale gates pre and res.
+    """
+    alpha, beta = np.asarray(static_alpha, np.float32), np.asarray(static_beta, np.float32)
+    a_fn, b_fn = np.asarray(dynamic_alpha_fn, np.float32), np.asarray(dynamic_beta_fn, np.float32)
+    n = alpha.shape[0]
+    if alpha.shape != (n, n + 1) or beta.shape != (n,) or a_fn.shape[1:] != (n + 1,) or b_fn.shape != a_fn.shape[:1]:
+        raise AdapterError(
+            f"unexpected HyperConnections shapes: static_alpha {alpha.shape}, static_beta {beta.shape}, "
+            f"dynamic_alpha_fn {a_fn.shape}, dynamic_beta_fn {b_fn.shape} (need one branch input and no fracs)"
+        )
+    proj = np.concatenate([a_fn[:, :1], b_fn[:, None], a_fn[:, 1:]], axis=1)
+    if norm_gamma is not None:
+        proj = proj * (1.0 + np.asarray(norm_gamma, np.float32))[:, None]
+    base = np.concatenate([alpha[:, 0], beta, alpha[:, 1:].ravel()])
+    scale = np.asarray([dynamic_alpha_scale, dynamic_beta_scale, dynamic_alpha_scale], np.float32)
+    return {"proj": proj, "base": base, "scale": scale}
