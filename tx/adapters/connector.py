@@ -168,7 +168,10 @@ def _reflect_gate_jvp(primals, tangents):
 
 def collapse(x: jax.Array, h_pre: jax.Array) -> jax.Array:
     """``u = sum_i H_pre[i] x[i]``: x ``[B, S, n, C]``, h_pre ``[B, S, n]`` or ``[n]`` -> ``[B, S, C]`` (x.dtype)."""
-    return jnp.einsum("...i,...ic->...c", h_pre.astype(x.dtype), x)
+    # fp32 weights and accumulation, one rounding to x.dtype: at init (equal streams, H_pre = 1/n) a bf16 input
+    # comes back bit for bit, so bf16 identity holds as tightly as fp32's
+    u = jnp.einsum("...i,...ic->...c", h_pre.astype(_F32), x, preferred_element_type=_F32)
+    return u.astype(x.dtype)
 
 
 def mix(x: jax.Array, y: jax.Array, h_post: jax.Array, h_res: jax.Array) -> jax.Array:
