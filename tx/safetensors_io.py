@@ -131,12 +131,15 @@ def checkpoint_files(folder: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise CheckpointError(f"{index}: malformed index (expected a JSON object with 'weight_map')") from None
-        names = sorted(set(weight_map.values()))
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: malformed index ('weight_map' should map tensor names to file names)")
         files = []
-        for name in names:
-            path = (folder / name).resolve()
-            if path.parent != folder.resolve():
+        for name in sorted(set(weight_map.values())):
+            # The name comes from a file, so it must be a plain file name in this folder. It is checked as written,
+            # not resolved: the hub cache stores each shard as a symlink into its blobs folder, which is fine.
+            if name in ("", ".", "..") or "/" in name or "\\" in name or Path(name).is_absolute():
                 raise CheckpointError(f"{index}: shard name {name!r} points outside the checkpoint folder")
+            path = folder / name
             if not path.is_file():
                 raise CheckpointError(f"{index}: shard {name!r} is missing from {folder}")
             files.append(path)
