@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tx.safetensors_io import atomic_write_bytes
+
 DEMO_MODEL = Path(__file__).parent / "assets" / "demo-base"
 
 
@@ -36,7 +38,7 @@ def _plot(history, path: Path) -> str:
     ax.set_title("tx demo: LoRA + mHC fine-tuning")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return f"loss plot written to {path}"
 
@@ -135,6 +137,6 @@ def run_demo(model=None, steps=None, out="runs/demo", expansion_rate=4, kind="mh
         "train_seconds": round(train_s, 1),
         "total_seconds": round(time.perf_counter() - t_start, 1),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_bytes(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     print(f"\n== summary ({out / 'summary.json'})\n{json.dumps(summary, indent=2)}")
     return 0 if diff <= 1e-5 and after < before else 1

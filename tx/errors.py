@@ -19,3 +19,7 @@ class AdapterError(TxError, ValueError):
 
 class DataError(TxError, ValueError):
     """Training or evaluation data that cannot be read or tokenized."""
+
+
+class WriteError(TxError, OSError):
+    """A file tx could not write (the disk is full, the folder is read-only, ...); what was there before is kept."""

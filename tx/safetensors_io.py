@@ -3,14 +3,17 @@
 The format is an 8-byte little-endian header length, a JSON header ``{name: {dtype, shape,
 data_offsets}}`` and the raw bytes. Reading it directly lets tx check every offset against the file
 size (a truncated download is reported as such) and copy each tensor straight into its destination.
-Writing goes through the ``safetensors`` package, to a temporary name that is renamed into place.
+Writing goes through the ``safetensors`` package, to a temporary name that is renamed into place
+(:func:`atomic_write_bytes`, which every file tx writes goes through).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
+import re
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +22,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from tx.errors import CheckpointError
+from tx.errors import CheckpointError, TxError, WriteError
 
 DTYPES = {
     "F64": np.dtype(np.float64),
@@ -129,7 +132,7 @@ def checkpoint_files(folder: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             raise CheckpointError(f"{index}: malformed index (expected a JSON object with 'weight_map')") from None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{index}: malformed index ('weight_map' should map tensor names to file names)")
@@ -173,8 +176,46 @@ def open_checkpoint(folder: Path) -> Iterator[dict[str, SafetensorsFile]]:
             f.close()
 
 
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk; a no-op where the OS does not allow it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def is_io_error(exc: BaseException) -> bool:
+    """An OSError, or the I/O error ``safetensors`` raises as its own type, that is not already a tx error."""
+    if isinstance(exc, TxError):
+        return False
+    return isinstance(exc, OSError) or (type(exc).__name__ == "SafetensorError" and "os error" in str(exc))
+
+
+def write_error(path: Path, exc: BaseException) -> WriteError:
+    """A :class:`WriteError` naming ``path`` for an I/O error raised while writing it; says when the disk is full."""
+    code = getattr(exc, "errno", None)
+    if code is None:
+        match = re.search(r"os error (\d+)", str(exc))
+        code = int(match[1]) if match else None
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        why = "the disk is full (no space left on device); free some space or write to another disk"
+    else:
+        why = getattr(exc, "strerror", None) or str(exc)
+    err = WriteError(f"cannot write {path}: {why}")
+    err.errno = code
+    return err
+
+
 def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename into place, so a crash leaves the old file intact."""
+    """Call ``write(tmp_path)``, fsync, then rename into place, so a crash at any moment leaves the old file intact.
+
+    The temporary file is ``.<name>.tmp-<pid>`` next to ``path`` and is removed on any error. An I/O error (a full
+    disk, a read-only folder) is raised as a :class:`~tx.errors.WriteError` that names ``path``.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -182,14 +223,20 @@ def atomic_write_bytes(path: Path, write) -> None:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if is_io_error(exc):
+            raise write_error(path, exc) from None
         raise
+    fsync_dir(path.parent)
 
 
 def save_tensors(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file atomically (via a temporary name)."""
     from safetensors.numpy import save_file
 
-    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    arrays = {k: np.asarray(v, order="C") for k, v in tensors.items()}  # ascontiguousarray would make 0-d 1-d
     atomic_write_bytes(Path(path), lambda tmp: save_file(arrays, str(tmp), metadata=metadata))
