@@ -226,8 +226,8 @@ def cmd_finetune(args) -> int:
     for path in filter(None, (args.data, args.eval_data)):
         if not Path(path).is_file():
             raise tx.errors.ConfigError(f"data file {path} does not exist")
+    model = tx.load_model(args.model, dtype=args.dtype, mesh=mesh)  # first: a folder without config.json says so
     tok = tx.load_tokenizer(args.model)
-    model = tx.load_model(args.model, dtype=args.dtype, mesh=mesh)
     tx.attach(model, lora=lora, connector=conn)
     print(tx.trainable_parameters(model))
     result = tx.Trainer(model, cfg, mesh=mesh).fit(args.data, args.eval_data, tokenizer=tok)

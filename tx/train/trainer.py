@@ -4,6 +4,11 @@
 scanned inside the same compiled function) and returns its metrics; ``fit(train, eval_data)`` runs
 the loop with a progress bar, metrics in ``<out>/metrics.jsonl``, periodic eval, atomic checkpoints
 every ``save_every`` steps, exact resume and a stop with a clear message on a non-finite loss.
+
+Every file of a run folder is written to a temporary name and renamed into place (checkpoints as whole
+folders, see :mod:`tx.train.checkpoint`), except ``metrics.jsonl``: it grows by one appended line per logged
+step (rewriting it each step would cost time quadratic in the run length). A line cut short by a crash, and
+every line past the checkpoint a run resumes from, are dropped when the run resumes.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +28,23 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tx.errors import ConfigError, TxError
-from tx.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tx.errors import CheckpointError, ConfigError, TxError
+from tx.safetensors_io import atomic_write_bytes, write_error
+from tx.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_info,
+    remove_checkpoint,
+    remove_stale,
+    save_checkpoint,
+)
 from tx.train.loss import model_loss_sum
 
 RUN_MARKER = "tx_run.json"
+# TrainConfig fields that decide which batch each step sees: a resumed run must keep them to continue exactly.
+DATA_FIELDS = ("batch_size", "seq_len", "seed", "pack", "eval_fraction")
+# Fields that change the optimiser's trajectory: a resumed run may change them, with a warning.
+SCHEDULE_FIELDS = ("steps", "lr", "connector_lr", "schedule", "warmup_steps", "weight_decay", "grad_clip", "grad_accum")
 
 
 class TrainingDiverged(TxError):
@@ -63,29 +81,56 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        def is_int(value):
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_number(value):
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
         positive = ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "loss_chunk", "keep_checkpoints")
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ConfigError(f"TrainConfig.{name} must be an integer >= 1, got {value!r}")
         for name in ("warmup_steps", "eval_every", "save_every", "seed"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ConfigError(f"TrainConfig.{name} must be an integer >= 0, got {value!r}")
-        for name in ("lr", "connector_lr"):
+        for name in ("lr", "connector_lr", "weight_decay"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
+            if (value is not None or name == "weight_decay") and not (is_number(value) and value >= 0):
                 raise ConfigError(f"TrainConfig.{name} must be a finite number >= 0, got {value!r}")
+        for name in ("remat", "resume", "overwrite", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.schedule not in ("cosine", "constant"):
             raise ConfigError(f"TrainConfig.schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if self.pack not in ("pack", "pad"):
             raise ConfigError(f"TrainConfig.pack must be 'pack' or 'pad', got {self.pack!r}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"TrainConfig.eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ConfigError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip!r}")
+        if not (is_number(self.eval_fraction) and 0.0 <= self.eval_fraction < 1.0):
+            raise ConfigError(f"TrainConfig.eval_fraction must be a number in [0, 1), got {self.eval_fraction!r}")
+        if self.grad_clip is not None and not (is_number(self.grad_clip) and self.grad_clip > 0):
+            raise ConfigError(f"TrainConfig.grad_clip must be a number > 0 or None, got {self.grad_clip!r}")
+        if self.eval_batches is not None and not (is_int(self.eval_batches) and self.eval_batches >= 1):
+            raise ConfigError(f"TrainConfig.eval_batches must be an integer >= 1 or None, got {self.eval_batches!r}")
+        if self.out is not None and not isinstance(self.out, (str, os.PathLike)):
+            raise ConfigError(f"TrainConfig.out must be a folder path or None, got {self.out!r}")
         if self.warmup_steps >= self.steps and self.warmup_steps > 0:
             raise ConfigError(f"TrainConfig.warmup_steps ({self.warmup_steps}) must be < steps ({self.steps})")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"TrainConfig.batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum}): "
+                "each step splits the batch into grad_accum equal micro-batches"
+            )
+        if self.resume and self.overwrite:
+            raise ConfigError(
+                "TrainConfig.resume and overwrite conflict: resume continues the run in out, overwrite replaces it; "
+                "pass one of them"
+            )
+        if self.out is None:
+            for name in ("resume", "overwrite", "save_every"):
+                if getattr(self, name):
+                    raise ConfigError(f"TrainConfig.{name}={getattr(self, name)!r} needs out (the run folder)")
 
     def schedule_fn(self, peak: float) -> optax.Schedule:
         if self.schedule == "constant":
@@ -165,7 +210,7 @@ class Trainer:
         for k, opt in self.optimizers.items():
             updates, new_opt[k] = opt.update(grads[k], opt_state[k], states[k])
             new_states[k] = optax.apply_updates(states[k], updates)
-        metrics = {"loss": loss / denom, "grad_norm": norm, "tokens": count, "lr": self.schedules["lora"](step)}
+        metrics = {"loss": loss / denom, "grad_norm": norm, "loss_tokens": count, "lr": self.schedules["lora"](step)}
         return new_states, new_opt, rng, metrics
 
     def _eval_fn(self, states, rng, rest, batch):
@@ -175,10 +220,10 @@ class Trainer:
 
     # ---- public API -------------------------------------------------------------------------
     def _prepare(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
+        batch = _check_batch(batch, self.model.config.vocab_size)
         a = self.config.grad_accum
         out = {}
         for k, v in batch.items():
-            v = np.asarray(v)
             if v.shape[0] % a:
                 raise ConfigError(f"batch of {v.shape[0]} rows cannot be split into grad_accum={a} micro-batches")
             v = v.reshape(a, v.shape[0] // a, *v.shape[1:])
@@ -223,8 +268,10 @@ class Trainer:
         if out is not None:
             self._prepare_out(out)
         start = self.step_count
+        saved = None  # the step of a checkpoint already on disk for the current state
         if out is not None and cfg.resume:
             start = self.restore(out)
+            saved = start if latest_checkpoint(out / "checkpoints") is not None else None
         metrics_file = out / "metrics.jsonl" if out else None
         if metrics_file is not None:
             _truncate_metrics(metrics_file, start)
@@ -244,13 +291,13 @@ class Trainer:
                     f"(step {last_good}) is kept{' in ' + str(out / 'checkpoints') if out else ''}. "
                     "Lower --lr or check the data."
                 )
-            tokens += m["tokens"]
-            dt = time.perf_counter() - t0
-            rec = {"step": step_done, **m, "tokens_per_s": tokens / dt if dt > 0 else 0.0}
+            now = time.perf_counter()
+            # throughput of the steps since the last log line: all real (non-padding) tokens processed
+            rec = {"step": step_done, **m, "tokens_per_s": tokens / (now - t0) if now > t0 else 0.0}
+            t0, tokens = now, 0.0
             history.append(rec)
             if metrics_file is not None:
-                with open(metrics_file, "a") as fh:
-                    fh.write(json.dumps(rec) + "\n")
+                _append_line(metrics_file, rec)
             bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             return rec
 
@@ -258,6 +305,7 @@ class Trainer:
             for step in range(start, cfg.steps):
                 batch = train_data.batch(step)
                 metrics = self.step(batch)
+                tokens += float(np.count_nonzero(np.asarray(batch["segment_ids"]))) if "segment_ids" in batch else 0.0
                 bar.update(1)
                 if pending is not None:
                     flush(*pending)
@@ -284,7 +332,8 @@ class Trainer:
             result["eval_loss"] = self._log_eval(eval_data, self.step_count, metrics_file, history)
         if out is not None:
             self._check_finite(self.step_count, last_good, out)
-            self.save(out)
+            if saved != self.step_count:  # a run resumed after its last checkpoint only needs its adapter written
+                self.save(out)
             from tx.adapters.io import save_adapter
 
             save_adapter(self.model, out / "adapter")
@@ -295,8 +344,7 @@ class Trainer:
         rec = {"step": step, "eval_loss": loss}
         history.append(rec)
         if metrics_file is not None:
-            with open(metrics_file, "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
+            _append_line(metrics_file, rec)
         return loss
 
     def _check_finite(self, step, last_good, out):
@@ -336,7 +384,11 @@ class Trainer:
 
     def _prepare_out(self, out: Path):
         marker = out / RUN_MARKER
-        if out.exists() and any(out.iterdir()) and not marker.exists() and not self.config.overwrite:
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"output folder {out} is a file; choose another --out")
+        # a marker write cut short by a crash leaves only its temporary file: still our run folder
+        contents = [p for p in out.iterdir() if not p.name.startswith(f".{RUN_MARKER}.tmp-")] if out.exists() else []
+        if contents and not marker.exists() and not self.config.overwrite:
             raise ConfigError(
                 f"output folder {out} exists and is not a tx run; choose another --out or pass --overwrite"
             )
@@ -349,20 +401,35 @@ class Trainer:
             raise ConfigError(
                 f"{out} already holds a tx run; pass --resume to continue it or --overwrite to replace it"
             )
-        if self.config.overwrite and not self.config.resume and (out / "checkpoints").exists():
-            import shutil
-
-            shutil.rmtree(out / "checkpoints")
+        if out.is_dir():
+            remove_stale(out)  # folders a run killed while replacing its checkpoints left behind
+        if self.config.overwrite and (out / "checkpoints").exists():
+            remove_checkpoint(out / "checkpoints")  # renamed aside first: a crash never leaves half a checkpoint
             (out / "metrics.jsonl").unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-        from tx.safetensors_io import atomic_write_bytes
-
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(out, exc) from None
         info = {"tx_run": 1, "config": dataclasses.asdict(self.config)}
         atomic_write_bytes(marker, lambda p: Path(p).write_text(json.dumps(info, indent=2, default=str)))
 
+    def adapter_setup(self) -> dict[str, Any]:
+        """The model's LoRA and connector configs as JSON values (stored in checkpoints, compared on resume).
+
+        LoRA's ``init`` and ``seed`` are left out: they only pick the starting values, which a resume replaces.
+        """
+        setup = {}
+        for name in ("lora_config", "connector_config"):
+            config = getattr(self.model, name, None)
+            fields = dataclasses.asdict(config) if config is not None else None
+            if fields is not None and name == "lora_config":
+                fields = {k: v for k, v in fields.items() if k not in ("init", "seed")}
+            setup[name.removesuffix("_config")] = fields
+        return json.loads(json.dumps(setup, default=str))
+
     def save(self, out: Path) -> Path:
         """Write a checkpoint of the adapters and optimiser state under ``out/checkpoints``."""
-        info = {"config": dataclasses.asdict(self.config)}
+        info = {"config": dataclasses.asdict(self.config), "adapters": self.adapter_setup()}
         states = {**self.states, "rng": self.rng}
         return save_checkpoint(
             Path(out) / "checkpoints", self.step_count, states, self.opt_state, info, keep=self.config.keep_checkpoints
@@ -373,10 +440,103 @@ class Trainer:
         path = latest_checkpoint(Path(out) / "checkpoints")
         if path is None:
             return self.step_count
+        self._check_resumable(path, read_info(path))
         self.opt_state, info = load_checkpoint(path, {**self.states, "rng": self.rng}, self.opt_state)
         self.step_count = int(info["step"])
         self._sync_model()
         return self.step_count
+
+    def _check_resumable(self, path: Path, info: dict[str, Any]) -> None:
+        """A checkpoint of another adapter setup, or of other data settings, cannot be continued exactly."""
+        saved = info.get("adapters")
+        if saved is not None and saved != self.adapter_setup():
+            now = self.adapter_setup()
+            diffs = []
+            for part in ("lora", "connector"):
+                a, b = saved.get(part), now.get(part)
+                if a is None or b is None:
+                    if a != b:
+                        diffs.append(
+                            f"{part}: checkpoint {'none' if a is None else a}, model {'none' if b is None else b}"
+                        )
+                    continue
+                diffs += [
+                    f"{part}.{k}: checkpoint {a.get(k)!r}, model {b.get(k)!r}"
+                    for k in sorted(set(a) | set(b))
+                    if a.get(k) != b.get(k)
+                ]
+            raise CheckpointError(
+                f"{path} was written for a different adapter setup than the model's; resume with the same LoRA and "
+                "connector options, or start a new run (another --out, or --overwrite):\n  - " + "\n  - ".join(diffs)
+            )
+        old = info.get("config") or {}
+        new = dataclasses.asdict(self.config)
+        changed = [k for k in DATA_FIELDS if k in old and old[k] != new[k]]
+        if changed:
+            shown = ", ".join(f"{k}={old[k]!r} (now {new[k]!r})" for k in changed)
+            raise ConfigError(
+                f"cannot resume {path} exactly: the run used {shown}, which decide the batch of every step; "
+                "resume with the run's values or start a new run (another --out, or --overwrite)"
+            )
+        changed = [k for k in SCHEDULE_FIELDS if k in old and old[k] != new[k]]
+        if changed:
+            warnings.warn(
+                f"resuming {path} with changed settings: "
+                + ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in changed)
+                + "; the run will not match an uninterrupted one",
+                stacklevel=3,
+            )
+
+
+BATCH_KEYS = ("input_ids", "targets", "loss_mask")  # plus optional "positions", "segment_ids"
+
+
+def _check_batch(batch, vocab_size: int) -> dict[str, np.ndarray]:
+    """A batch as host arrays, after checking what a compiled step cannot: keys, shapes and token ids.
+
+    An id outside the vocabulary would not fail inside XLA (gathers clamp), it would silently train on garbage.
+    """
+    from collections.abc import Mapping
+
+    from tx.errors import DataError
+
+    if not isinstance(batch, Mapping) or any(k not in batch for k in BATCH_KEYS):
+        found = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+        raise ConfigError(
+            f"a batch must be a dict of [batch, seq] arrays with keys {', '.join(BATCH_KEYS)} (optionally positions, "
+            f"segment_ids), as tx.train.data.Dataset.batch() returns; got {found}"
+        )
+    batch = {k: np.asarray(v) for k, v in batch.items()}
+    shape = batch["input_ids"].shape
+    if len(shape) != 2 or 0 in shape:
+        raise ConfigError(f"batch['input_ids'] must be a non-empty [batch, seq] array, got shape {shape}")
+    for k, v in batch.items():
+        if v.shape != shape:
+            raise ConfigError(f"batch[{k!r}] has shape {v.shape} but batch['input_ids'] has {shape}")
+    used = batch["segment_ids"] > 0 if "segment_ids" in batch else np.ones(shape, bool)  # padding is never used
+    for k in ("input_ids", "targets"):
+        if not np.issubdtype(batch[k].dtype, np.integer):
+            raise ConfigError(f"batch[{k!r}] must hold integer token ids, got dtype {batch[k].dtype}")
+        ids = batch[k][used]
+        if not ids.size:
+            continue
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise DataError(
+                f"batch[{k!r}] holds token id {bad}, outside the model's vocabulary [0, {vocab_size}): the "
+                "tokenizer does not match the model"
+            )
+    return batch
+
+
+def _append_line(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line to ``path`` (metrics.jsonl); a crash can cut only this last line, dropped on resume."""
+    try:
+        with open(path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+    except OSError as exc:
+        raise write_error(path, exc) from None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -391,8 +551,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
             continue  # a line cut by a crash
         if rec.get("step", 0) <= step:
             keep.append(line)
-    from tx.safetensors_io import atomic_write_bytes
-
     atomic_write_bytes(path, lambda p: Path(p).write_text("".join(x + "\n" for x in keep)))
 
 
