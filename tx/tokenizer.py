@@ -318,7 +318,16 @@ def _compile(source: str):
         def _body(self, caller):
             return caller()
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols])
+    class _NoFiles(jinja2.BaseLoader):
+        # a template comes from a downloaded file: it may not name other files to include, import or extend
+        def get_source(self, environment, template):
+            raise jinja2.exceptions.TemplateNotFound(
+                f"{template!r} (a chat template cannot include, import or extend other files)"
+            )
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols], loader=_NoFiles()
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now

@@ -72,6 +72,8 @@ def _read_json(path: Path) -> dict:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise AdapterError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    except UnicodeDecodeError as exc:
+        raise AdapterError(f"{path} is not valid JSON: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise AdapterError(f"{path}: cannot read ({exc.strerror})") from None
     if not isinstance(data, dict):
@@ -194,7 +196,14 @@ def lora_config_from_peft(data: dict, path: Path) -> LoRAConfig:
     if targets is None:
         raise AdapterError(f"{path}: target_modules is missing; cannot tell which modules the adapter adapts")
     if not isinstance(targets, str):
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            raise AdapterError(
+                f"{path}: target_modules must be a list of module names or a regex string, got {targets!r}"
+            )
         targets = sorted(targets)
+    rslora = data.get("use_rslora")
+    if rslora is not None and not isinstance(rslora, bool):
+        raise AdapterError(f"{path}: use_rslora must be true or false, got {rslora!r}")
     try:
         return LoRAConfig(
             rank=data.get("r", 8),
@@ -216,8 +225,8 @@ def connector_config_from_sidecar(data: dict, path: Path) -> ConnectorConfig:
     data = dict(data)
     version = data.pop("format_version", None)
     written_by = data.pop("tx_version", "unknown")
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise AdapterError(f"{path}: format_version must be an integer, found {version!r}")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise AdapterError(f"{path}: format_version must be an integer >= 1, found {version!r}")
     if version > FORMAT_VERSION:
         raise AdapterError(
             f"{path} was written by a newer tx (tx {written_by}, format version {version}); this tx "
@@ -272,6 +281,15 @@ def _problems_error(folder: Path, file: str, problems: list[str]) -> AdapterErro
     )
 
 
+def _non_finite(file: SafetensorsFile, keys) -> list[str]:
+    """Problems for tensors holding NaN or Inf (an adapter saved from a diverged run would poison every output)."""
+    out = []
+    for key in keys:
+        if not np.isfinite(file.get(key).astype(np.float32, copy=False)).all():
+            out.append(f"tensor {key!r} holds NaN or Inf values (saved after the training diverged?)")
+    return out
+
+
 def _load_lora(model, folder: Path, file: SafetensorsFile) -> None:
     slots = {}  # (HF module path, "A"/"B") -> (variable, layer)
     for site, module in lora_modules(model):
@@ -297,6 +315,7 @@ def _load_lora(model, folder: Path, file: SafetensorsFile) -> None:
     for (module, ab), _ in slots.items():
         if (module, ab) not in found:
             problems.append(f"missing tensor '{PEFT_PREFIX}{module}.lora_{ab}.weight'")
+    problems += _non_finite(file, found.values())
     if problems:
         raise _problems_error(folder, ADAPTER_WEIGHTS, problems)
     by_var: dict[int, tuple[nnx.Variable, np.ndarray]] = {}
@@ -323,6 +342,7 @@ def _load_connector(model, folder: Path, file: SafetensorsFile) -> None:
                 f"tensor {key!r} has shape {tuple(file.shape(key))} but this model expects {slots[key].shape}"
             )
     problems += [f"missing tensor {key!r}" for key in slots if key not in file.keys()]
+    problems += _non_finite(file, [key for key in slots if key in file.keys()])
     if problems:
         raise _problems_error(folder, CONNECTOR_WEIGHTS, problems)
     for key, var in slots.items():

@@ -159,11 +159,12 @@ def split_eval(
 # -- tokenizing -------------------------------------------------------------------------------------------------
 
 
-def check_vocab(ids_max: int, vocab_size: int) -> None:
+def check_vocab(ids_max: int, vocab_size: int, tokenizer_size: int | None = None) -> None:
     """Raise :class:`DataError` if a token id does not fit the model's embedding table of ``vocab_size`` rows."""
     if ids_max >= vocab_size:
+        has = f" (the tokenizer has {tokenizer_size} ids)" if tokenizer_size is not None else ""
         raise DataError(
-            f"token id {ids_max} >= model vocab size {vocab_size}: the tokenizer does not match the model; "
+            f"token id {ids_max} >= model vocab size {vocab_size}{has}: the tokenizer does not match the model; "
             "use the tokenizer of the same checkpoint"
         )
 
@@ -360,7 +361,7 @@ class Dataset:
         self.num_documents = len(docs)
         self.max_id = max((int(ids.max()) for ids, _ in docs if len(ids)), default=-1)
         if vocab_size is not None:
-            check_vocab(self.max_id, vocab_size)
+            check_vocab(self.max_id, vocab_size, getattr(tokenizer, "vocab_size", None))
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
         chunk = min(seq_len, max_positions or seq_len)
         self._layout(docs, chunk)
