@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         "reload it and check the logits, and plot the loss curve.",
     )
     p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the embedded demo model)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: 300)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: 600)")
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--expansion-rate", type=int, default=4)
     p.add_argument("--kind", default="mhc", choices=["mhc", "dynamic", "static"])

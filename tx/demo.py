@@ -51,7 +51,7 @@ def run_demo(model=None, steps=None, out="runs/demo", expansion_rate=4, kind="mh
 
     t_start = time.perf_counter()
     source = model or DEMO_MODEL
-    steps = 300 if steps is None else steps
+    steps = 600 if steps is None else steps
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"== tx demo: {source if model else 'embedded default model ' + str(DEMO_MODEL.name)}")
