@@ -530,8 +530,32 @@ def _check_batch(batch, vocab_size: int) -> dict[str, np.ndarray]:
     return batch
 
 
+_TENSORBOARD: dict[Path, Any] = {}
+
+
+def _tensorboard(path: Path):
+    """A tensorboardX writer for ``<out>/tensorboard`` when tensorboardX is installed, else None."""
+    if path not in _TENSORBOARD:
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            _TENSORBOARD[path] = None
+        else:
+            _TENSORBOARD[path] = SummaryWriter(str(path.parent / "tensorboard"))
+    return _TENSORBOARD[path]
+
+
 def _append_line(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line to ``path`` (metrics.jsonl); a crash can cut only this last line, dropped on resume."""
+    """Append one JSON line to ``path`` (metrics.jsonl); a crash can cut only this last line, dropped on resume.
+
+    The same scalars go to TensorBoard (``<out>/tensorboard``) when tensorboardX is installed.
+    """
+    writer = _tensorboard(path)
+    if writer is not None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, int | float):
+                writer.add_scalar(key, value, record["step"])
+        writer.flush()
     try:
         with open(path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
