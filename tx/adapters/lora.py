@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from tx.errors import ConfigError
-from tx.models.layers import Linear
+from tx.models.layers import Linear, no_transpose_fold
 
 INITS = ("default", "gaussian")
 ALL_LINEAR = "all-linear"
@@ -234,10 +234,46 @@ class LoRALinear(nnx.Module):
             self.dropout_key.set_value(jax.random.key_data(key))
             keep = jax.random.bernoulli(sub, 1.0 - self.dropout, h.shape)
             h = jnp.where(keep, h / (1.0 - self.dropout), jnp.zeros((), h.dtype)).astype(x.dtype)
-        d = jnp.einsum("...i,ri->...r", h, self.lora_a[...].astype(x.dtype))
-        d = jnp.einsum("...r,or->...o", d, self.lora_b[...].astype(x.dtype))
         scale = self.scale if self.lora_mask is None else self.scale * self.lora_mask[...]
-        return y + (d * jnp.asarray(scale, _F32).astype(d.dtype)).astype(y.dtype)
+        scale = jnp.asarray(scale, _F32).astype(x.dtype)
+        d = lora_delta(h, self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype), scale)
+        return y + d.astype(y.dtype)
+
+
+@jax.custom_vjp
+def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
+    """``scale * (x A^T) B^T``: x ``[..., in]``, a ``[r, in]``, b ``[out, r]``, scalar scale -> ``[..., out]``.
+
+    The same product as two einsums, with a hand-written backward pass: every gradient is a matmul whose large
+    operand is already laid out as the matmul wants it. Left to autodiff, the gradient of ``b`` is computed as
+    ``g^T d`` in b's ``[out, r]`` layout, and XLA on CPU transposes the ``[tokens, out]`` cotangent to get there,
+    fusing the transpose into the preceding elementwise ops; those strided fusions cost more than the whole
+    forward pass of the model on CPU.
+    """
+    d = jnp.einsum("...i,ri->...r", x, a)
+    return jnp.einsum("...r,or->...o", d * scale, b)
+
+
+def _lora_delta_fwd(x, a, b, scale):
+    d = jnp.einsum("...i,ri->...r", x, a)
+    return jnp.einsum("...r,or->...o", d * scale, b), (x, a, b, scale, d)
+
+
+def _lora_delta_bwd(res, g):
+    x, a, b, scale, d = res
+    xt, gt, dt = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), d.reshape(-1, d.shape[-1])
+    gd = jnp.einsum("to,or->tr", gt, b)  # [T, r]: cotangent of the unscaled d, before the scale
+    # [r, out], then a transpose of the small result; the no-op reduce_precision (to the same precision) keeps
+    # XLA from folding the transpose into the matmul, which would then read the large cotangent transposed
+    gb_t = no_transpose_fold(jnp.einsum("tr,to->ro", dt * scale, gt))
+    gds = gd * scale
+    ga = jnp.einsum("tr,ti->ri", gds, xt)
+    gx = jnp.einsum("...r,ri->...i", gds.reshape(*d.shape), a)
+    gscale = jnp.sum(gd * dt).astype(scale.dtype).reshape(scale.shape)
+    return gx, ga, gb_t.T, gscale
+
+
+lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 
 
 def merge(lora: LoRALinear) -> Linear:

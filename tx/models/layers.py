@@ -30,6 +30,17 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Para
     return nnx.Param(value, axes=tuple(axes))
 
 
+def no_transpose_fold(a: jax.Array) -> jax.Array:
+    """``a`` unchanged, as a value XLA will not fold a later transpose into.
+
+    For a gradient computed as a small ``[r, big]`` matmul result and returned transposed, XLA otherwise rewrites
+    ``transpose(dot(a, b))`` as ``dot(b^T, a^T)``, reading the large operand transposed (several times slower on
+    CPU). A ``reduce_precision`` to the array's own precision changes no value and stops that rewrite.
+    """
+    info = jnp.finfo(a.dtype)
+    return jax.lax.reduce_precision(a, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+
+
 class Linear(nnx.Module):
     """y = x W^T (+ b) with W: [*stack, out, in] as in PyTorch / Hugging Face."""
 

@@ -1,8 +1,8 @@
 """Next-token cross-entropy that never materialises fp32 logits for the whole batch.
 
 The final hidden states are cut into chunks of tokens; each chunk is projected to the vocabulary,
-reduced to (logsumexp - target logit) in fp32, and rematerialised in the backward pass. Peak logits
-memory is ``chunk x vocab`` instead of ``batch x seq x vocab``.
+reduced to (logsumexp - target logit) in fp32 and, when there is more than one chunk, rematerialised
+in the backward pass. Peak logits memory is ``chunk x vocab`` instead of ``batch x seq x vocab``.
 """
 
 from __future__ import annotations
@@ -29,16 +29,16 @@ def cross_entropy_sum(hidden, targets, weights, project, chunk: int = 2048):
         w = jnp.pad(w, (0, pad))
     k = h.shape[0] // chunk
 
-    @jax.checkpoint
     def chunk_loss(h, t, w):
         logits = project(h).astype(jnp.float32)
         lse = jax.nn.logsumexp(logits, axis=-1)
         target = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
         return jnp.sum((lse - target) * w)
 
-    if k == 1:
+    if k == 1:  # one chunk: its logits are the peak either way, so keep them instead of recomputing the projection
         total = chunk_loss(h, t, w)
     else:
+        chunk_loss = jax.checkpoint(chunk_loss)
 
         def body(acc, xs):
             return acc + chunk_loss(*xs), None
