@@ -160,6 +160,7 @@ class Trainer:
 
     def __init__(self, model, config: TrainConfig | None = None, *, mesh=None):
         self.model = model
+        self._tb = None  # TensorBoard writer of the current fit(), when tensorboardX is installed
         self.config = config = config or TrainConfig()
         self.mesh = mesh
         model.remat = config.remat
@@ -273,6 +274,7 @@ class Trainer:
             start = self.restore(out)
             saved = start if latest_checkpoint(out / "checkpoints") is not None else None
         metrics_file = out / "metrics.jsonl" if out else None
+        self._tb = _tensorboard(out) if out else None
         if metrics_file is not None:
             _truncate_metrics(metrics_file, start)
         bar = tqdm(
@@ -297,7 +299,7 @@ class Trainer:
             t0, tokens = now, 0.0
             history.append(rec)
             if metrics_file is not None:
-                _append_line(metrics_file, rec)
+                _append_line(metrics_file, rec, self._tb)
             bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             return rec
 
@@ -344,7 +346,7 @@ class Trainer:
         rec = {"step": step, "eval_loss": loss}
         history.append(rec)
         if metrics_file is not None:
-            _append_line(metrics_file, rec)
+            _append_line(metrics_file, rec, self._tb)
         return loss
 
     def _check_finite(self, step, last_good, out):
@@ -530,32 +532,25 @@ def _check_batch(batch, vocab_size: int) -> dict[str, np.ndarray]:
     return batch
 
 
-_TENSORBOARD: dict[Path, Any] = {}
-
-
-def _tensorboard(path: Path):
+def _tensorboard(out: Path):
     """A tensorboardX writer for ``<out>/tensorboard`` when tensorboardX is installed, else None."""
-    if path not in _TENSORBOARD:
-        try:
-            from tensorboardX import SummaryWriter
-        except ImportError:
-            _TENSORBOARD[path] = None
-        else:
-            _TENSORBOARD[path] = SummaryWriter(str(path.parent / "tensorboard"))
-    return _TENSORBOARD[path]
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
 
 
-def _append_line(path: Path, record: dict[str, Any]) -> None:
+def _append_line(path: Path, record: dict[str, Any], tensorboard=None) -> None:
     """Append one JSON line to ``path`` (metrics.jsonl); a crash can cut only this last line, dropped on resume.
 
-    The same scalars go to TensorBoard (``<out>/tensorboard``) when tensorboardX is installed.
+    The same scalars go to ``tensorboard`` (a tensorboardX writer) when given.
     """
-    writer = _tensorboard(path)
-    if writer is not None:
+    if tensorboard is not None:
         for key, value in record.items():
             if key != "step" and isinstance(value, int | float):
-                writer.add_scalar(key, value, record["step"])
-        writer.flush()
+                tensorboard.add_scalar(key, value, record["step"])
+        tensorboard.flush()
     try:
         with open(path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
