@@ -1,12 +1,20 @@
 """Train-step benchmark: LoRA alone vs LoRA + each connector kind at n = 2 and 4, on one standard shape.
 
-Prints one JSON object: per configuration seconds per step (median), tokens/s, compile seconds,
-peak memory, the step's achieved FLOP/s as a fraction of this machine's measured matmul throughput
-(a large jnp matmul timed in the same run), and the overhead of each connector over LoRA alone.
+Prints one JSON object: per configuration seconds per step (median and best), tokens/s, compile seconds,
+step memory, the step's achieved FLOP/s as a fraction of this machine's measured matmul throughput (a large
+jnp matmul timed in the same run), and the overhead of each connector over LoRA alone.
 FLOPs counted: 4 x matmul params x tokens (frozen base: forward + activation gradients; LoRA's own
 small matmuls excluded) plus attention (3 x 4 x B x S^2 x H x D per layer).
 
-Usage: python benchmarks/step.py [--steps 5] [--configs lora,mhc4] [--hidden 512 --layers 8 ...]
+All configurations are compiled first, then timed in rounds: each round times the matmul and one step of every
+configuration, in a rotating order. Machine load that comes and goes (a shared machine) then hits every
+configuration alike, and the ratios below compare times taken in the same rounds:
+
+- ``fraction_of_matmul_peak``: step FLOPs / best step time / best matmul FLOP/s (``..._median``: median step);
+- ``overhead_vs_lora``: best step time / LoRA's best step time - 1 (``..._paired_median``: the median over
+  rounds of the ratio of the two times in the same round, - 1).
+
+Usage: python benchmarks/step.py [--steps 6] [--configs lora,mhc4] [--hidden 512 --layers 8 ...]
 """
 
 from __future__ import annotations
@@ -53,17 +61,19 @@ def model_config(a):
     )
 
 
-def matmul_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
+def matmul_timer(n: int = 2048):
+    """(one timed run of an [n, n] @ [n, n] matmul in seconds, its FLOPs); warmed up."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     f = jax.jit(lambda x, y: x @ y)
     f(a, b).block_until_ready()
-    times = []
-    for _ in range(repeats):
+
+    def run() -> float:
         t = time.perf_counter()
         f(a, b).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / min(times)
+        return time.perf_counter() - t
+
+    return run, 2 * n**3
 
 
 def peak_rss_mb() -> float:
@@ -74,7 +84,8 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def run_config(name, a, cfg, batch):
+def make_trainer(name, a, cfg, batch):
+    """A Trainer for one configuration, compiled (its first step run); returns (trainer, compile seconds)."""
     import tx
     from tx.models.decoder import CausalLM
 
@@ -84,31 +95,22 @@ def run_config(name, a, cfg, batch):
     tx.attach(model, lora=tx.LoRAConfig(rank=a.rank, alpha=2 * a.rank), connector=conn)
     trainer = tx.Trainer(
         model,
-        tx.TrainConfig(steps=a.steps + 1, batch_size=a.batch, seq_len=a.seq, lr=1e-4, remat=a.remat, progress=False),
+        tx.TrainConfig(steps=a.steps + 2, batch_size=a.batch, seq_len=a.seq, lr=1e-4, remat=a.remat, progress=False),
     )
     t = time.perf_counter()
     jax.block_until_ready(trainer.step(batch))
-    compile_s = time.perf_counter() - t
-    times = []
-    for _ in range(a.steps):
-        t = time.perf_counter()
-        jax.block_until_ready(trainer.step(batch))
-        times.append(time.perf_counter() - t)
-    mem = None
+    return trainer, time.perf_counter() - t
+
+
+def step_memory_mb(trainer, batch):
     try:
         lowered = trainer._train_step.lower(
             trainer.states, trainer.opt_state, trainer.rng, trainer.rest, trainer._prepare(batch), jnp.asarray(0)
         )
         m = lowered.compile().memory_analysis()
-        mem = round((m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes) / 2**20, 1)
+        return round((m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes) / 2**20, 1)
     except Exception:  # not every backend reports it
-        pass
-    return {
-        "seconds_per_step": statistics.median(times),
-        "min_seconds_per_step": min(times),
-        "compile_seconds": compile_s,
-        "step_memory_mb": mem,
-    }
+        return None
 
 
 def main():
@@ -124,7 +126,7 @@ def main():
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--remat", action="store_true")
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=6, help="timed rounds (one step of every configuration each)")
     ap.add_argument("--configs", default="lora,static2,static4,dynamic2,dynamic4,mhc2,mhc4")
     a = ap.parse_args()
     cfg = model_config(a)
@@ -141,7 +143,20 @@ def main():
     c, i, L, hd = a.hidden, a.intermediate, a.layers, a.hidden // a.heads
     matmul_params = L * (c * a.heads * hd * 2 + c * a.kv_heads * hd * 2 + 3 * c * i) + c * a.vocab
     flops = 4 * matmul_params * tokens + 3 * 4 * a.batch * a.seq**2 * a.heads * hd * L
-    peak = matmul_flops_per_s()
+    matmul, matmul_flops = matmul_timer()
+    names = [n for n in a.configs.split(",") if n]
+    trainers, compile_s = {}, {}
+    for name in names:
+        trainers[name], compile_s[name] = make_trainer(name, a, cfg, batch)
+    times = {name: [] for name in names}
+    matmul_times = []
+    for r in range(a.steps):
+        matmul_times += [matmul(), matmul()]
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t = time.perf_counter()
+            jax.block_until_ready(trainers[name].step(batch))
+            times[name].append(time.perf_counter() - t)
+    peak = matmul_flops / min(matmul_times)
     out = {
         "device": str(jax.devices()[0].device_kind),
         "backend": jax.default_backend(),
@@ -162,20 +177,28 @@ def main():
             )
         },
         "step_flops": flops,
+        "rounds": a.steps,
         "matmul_gflops_per_s": round(peak / 1e9, 1),
         "configs": {},
     }
-    for name in a.configs.split(","):
-        r = run_config(name, a, cfg, batch)
-        r["tokens_per_s"] = tokens / r["seconds_per_step"]
-        r["fraction_of_matmul_peak"] = flops / r["seconds_per_step"] / peak
+    for name in names:
+        best, median = min(times[name]), statistics.median(times[name])
+        r = {
+            "seconds_per_step": median,
+            "min_seconds_per_step": best,
+            "tokens_per_s": tokens / best,
+            "fraction_of_matmul_peak": flops / best / peak,
+            "fraction_of_matmul_peak_median": flops / median / peak,
+            "compile_seconds": compile_s[name],
+            "step_memory_mb": step_memory_mb(trainers[name], batch),
+        }
         out["configs"][name] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
-    base = out["configs"].get("lora")
-    if base:
-        out["overhead_vs_lora"] = {
-            k: round(v["seconds_per_step"] / base["seconds_per_step"] - 1, 4)
-            for k, v in out["configs"].items()
-            if k != "lora"
+    if "lora" in times:
+        base = times["lora"]
+        others = [n for n in names if n != "lora"]
+        out["overhead_vs_lora"] = {n: round(min(times[n]) / min(base) - 1, 4) for n in others}
+        out["overhead_vs_lora_paired_median"] = {
+            n: round(statistics.median(t / b for t, b in zip(times[n], base)) - 1, 4) for n in others
         }
     out["peak_rss_mb"] = round(peak_rss_mb(), 1)
     print(json.dumps(out, indent=2))
