@@ -47,6 +47,7 @@ the collapse and the mix. ``n = 1`` is the plain residual: no variables and ``x 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping
 
@@ -56,6 +57,7 @@ import numpy as np
 from flax import nnx
 
 from tx.errors import AdapterError, ConfigError
+from tx.models.layers import no_transpose_fold
 
 KINDS = ("static", "dynamic", "mhc")
 _F32 = jnp.float32
@@ -127,24 +129,36 @@ def sinkhorn(logits: jax.Array, iters: int = 20, eps: float = 1e-6, *, balance: 
     converged matrix moves by no more than its row error.
     """
     p = jax.nn.softmax(logits.astype(_F32), axis=-1) + eps
-    p = p / (p.sum(axis=-2, keepdims=True) + eps)
+    lead, n = p.shape[:-2], p.shape[-1]
+    # tokens on the minor axis, p[i, j, t], and row / column sums as n - 1 vectorised adds over tokens: every step
+    # is then one elementwise loop (a reduce over an axis of n numbers is a separate, slower kernel on CPU)
+    p = jnp.moveaxis(p.reshape(-1, n, n), 0, -1)
+    p = p / (_sum_keepdims(p, 0) + eps)
 
     def rows_then_columns(_, p):
-        p = p / (p.sum(axis=-1, keepdims=True) + eps)
-        return p / (p.sum(axis=-2, keepdims=True) + eps)
+        p = p / (_sum_keepdims(p, 1) + eps)
+        return p / (_sum_keepdims(p, 0) + eps)
 
-    # Unrolled, XLA fuses the iterations into a few kernels (GPU/TPU); on CPU a rolled loop runs as fast and
-    # compiles several times faster (the gradient of 20 unrolled iterations takes ~10 s to compile on 2 cores).
+    # Unrolled, XLA fuses the iterations into a few kernels (GPU/TPU). On CPU the rolled loop is faster (unrolled:
+    # ~4x slower forward + backward, measured) and compiles several times faster.
     unroll = jax.default_backend() != "cpu"
     p = jax.lax.fori_loop(0, iters - 1, rows_then_columns, p, unroll=unroll)
     if balance:
-        rows = p.sum(axis=-1)
+        rows = _sum_keepdims(p, 1)[:, 0]  # [n, T]
         surplus, deficit = jnp.maximum(rows - 1.0, 0.0), jnp.maximum(1.0 - rows, 0.0)
         take = surplus / rows  # fraction of each excess row that leaves it, < 1
-        moved = jnp.einsum("...i,...ij->...j", take, p)  # mass leaving each column's excess rows
-        give = deficit / jnp.maximum(deficit.sum(axis=-1, keepdims=True), 1e-30)  # deficit rows' shares, sum 1
-        p = p - take[..., :, None] * p + give[..., :, None] * moved[..., None, :]
-    return p
+        moved = _sum_keepdims(take[:, None] * p, 0)  # [1, n (columns), T]: mass leaving each column's excess rows
+        give = deficit / jnp.maximum(_sum_keepdims(deficit, 0), 1e-30)  # deficit rows' shares, sum 1
+        p = p - take[:, None] * p + give[:, None] * moved
+    return jnp.moveaxis(p, -1, 0).reshape(*lead, n, n)
+
+
+def _sum_keepdims(p: jax.Array, axis: int) -> jax.Array:
+    """``p.sum(axis, keepdims=True)`` over a short axis, as a chain of adds."""
+    out = jax.lax.slice_in_dim(p, 0, 1, axis=axis)
+    for k in range(1, p.shape[axis]):
+        out = out + jax.lax.slice_in_dim(p, k, k + 1, axis=axis)
+    return out
 
 
 @jax.custom_jvp
@@ -170,23 +184,125 @@ def collapse(x: jax.Array, h_pre: jax.Array) -> jax.Array:
     """``u = sum_i H_pre[i] x[i]``: x ``[B, S, n, C]``, h_pre ``[B, S, n]`` or ``[n]`` -> ``[B, S, C]`` (x.dtype)."""
     # fp32 weights and accumulation, one rounding to x.dtype: at init (equal streams, H_pre = 1/n) a bf16 input
     # comes back bit for bit, so bf16 identity holds as tightly as fp32's
-    u = jnp.einsum("...i,...ic->...c", h_pre.astype(_F32), x, preferred_element_type=_F32)
-    return u.astype(x.dtype)
+    h_pre = jnp.broadcast_to(h_pre.astype(_F32), x.shape[:-1])
+    return _collapse(x, h_pre)
 
 
 def mix(x: jax.Array, y: jax.Array, h_post: jax.Array, h_res: jax.Array) -> jax.Array:
     """``x'[j] = sum_i H_res[i, j] x[i] + H_post[j] y``; x ``[B, S, n, C]``, y ``[B, S, C]`` -> ``[B, S, n, C]``.
 
-    h_post ``[B, S, n]`` or ``[n]``, h_res ``[B, S, n, n]`` or ``[n, n]``; both are cast to ``x.dtype``.
+    h_post ``[B, S, n]`` or ``[n]``, h_res ``[B, S, n, n]`` or ``[n, n]`` (fp32). Products and sums run in fp32 with
+    one rounding to ``x.dtype``.
     """
-    dt = x.dtype
-    return jnp.einsum("...ij,...ic->...jc", h_res.astype(dt), x) + h_post.astype(dt)[..., None] * y[..., None, :]
+    n = x.shape[-2]
+    h_post = jnp.broadcast_to(h_post.astype(_F32), x.shape[:-1])
+    h_res = jnp.broadcast_to(h_res.astype(_F32), (*x.shape[:-1], n))
+    return _mix(x, y, h_post, h_res)
 
 
-def _rms_scale(x: jax.Array, eps: float) -> jax.Array:
-    """``1 / sqrt(mean(x^2) + eps)`` over the last axis, fp32; the norm is applied after the (linear) projection."""
+# Collapse and mix are a few multiply-adds per element of the n-wide stream, so their cost is memory traffic. Both
+# are written as unrolled sums over the n streams (one fused loop over x, no batched [n, n] matmuls) with
+# hand-written backward passes that keep only their inputs as residuals (x is shared with the rest of the site)
+# and compute each gradient in one pass.
+
+
+def _weighted_sum(w: jax.Array, x: jax.Array) -> jax.Array:
+    """``sum_k w[..., k] x[..., k, :]`` in fp32: w ``[..., (m,) n]``, x ``[..., n, C]`` -> ``[..., (m,) C]``.
+
+    With w ``[..., m, n]`` the result is ``[..., m, C]``: row ``r`` is ``sum_k w[..., r, k] x[..., k, :]``. Unrolled
+    over the n streams as broadcast multiply-adds, so XLA emits one elementwise loop (no batched tiny matmul).
+    """
+    rows = w.ndim == x.ndim
+    out = None
+    for k in range(x.shape[-2]):
+        xk = x[..., k, :].astype(_F32)
+        term = w[..., k, None] * (xk[..., None, :] if rows else xk)
+        out = term if out is None else out + term
+    return out
+
+
+@jax.custom_vjp
+def _collapse(x, h_pre):
+    # a (batched) dot rather than _weighted_sum: a dot's operand is materialised, so XLA cannot fuse the previous
+    # site's mix into this one and recompute it per stream (it does so for elementwise consumers, e.g. "static")
+    return jnp.einsum("...i,...ic->...c", h_pre, x, preferred_element_type=_F32).astype(x.dtype)
+
+
+def _collapse_fwd(x, h_pre):
+    return _collapse(x, h_pre), (x, h_pre)
+
+
+def _collapse_bwd(res, g):
+    x, h_pre = res
+    gf = g.astype(_F32)
+    dx = (h_pre[..., None] * gf[..., None, :]).astype(x.dtype)
+    dh = jnp.einsum("...ic,...c->...i", x, g, preferred_element_type=_F32)
+    return dx, dh
+
+
+_collapse.defvjp(_collapse_fwd, _collapse_bwd)
+
+
+@jax.custom_vjp
+def _mix(x, y, h_post, h_res):
+    out = h_post[..., None] * y.astype(_F32)[..., None, :] + _weighted_sum(jnp.swapaxes(h_res, -1, -2), x)
+    return out.astype(x.dtype)
+
+
+def _mix_fwd(x, y, h_post, h_res):
+    return _mix(x, y, h_post, h_res), (x, y, h_post, h_res)
+
+
+def _mix_bwd(res, g):
+    x, y, h_post, h_res = res
+    dx = _weighted_sum(h_res, g).astype(x.dtype)
+    dy = _weighted_sum(h_post, g).astype(y.dtype)
+    dh_res = jnp.einsum("...ic,...jc->...ij", x, g, preferred_element_type=_F32)
+    dh_post = jnp.einsum("...c,...jc->...j", y, g, preferred_element_type=_F32)
+    return dx, dy, dh_post, dh_res
+
+
+_mix.defvjp(_mix_fwd, _mix_bwd)
+
+
+def _rms_scale(x: jax.Array, eps: float, axes=(-1,)) -> jax.Array:
+    """``1 / sqrt(mean(x^2) + eps)`` over ``axes``, fp32; the norm is applied after the (linear) projection."""
     xf = x.astype(_F32)
-    return jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1) + eps)
+    return jax.lax.rsqrt(jnp.mean(xf * xf, axis=axes) + eps)
+
+
+@jax.custom_vjp
+def _project(x: jax.Array, proj: jax.Array) -> jax.Array:
+    """Streams times a projection, in fp32: x ``[..., n, C]`` and proj ``[n*C, p]`` (flattened streams, mhc) ->
+    ``[..., p]``, or proj ``[C, p]`` (each stream, dynamic) -> ``[..., n, p]``.
+
+    A plain matmul with a hand-written backward pass: it keeps x itself as the residual (a flattened copy would be
+    one more n-wide array for the layer scan to store) and computes ``d proj`` as ``(g^T x)^T``, so that the large
+    operand is read in its own layout (XLA would otherwise read x transposed, ~4x slower on CPU).
+    """
+    k = proj.shape[0]
+    lead = x.shape[:-1] if k == x.shape[-1] else x.shape[:-2]
+    return jnp.matmul(x.reshape(*lead, k).astype(_F32), proj, precision=_HIGHEST)
+
+
+def _project_fwd(x, proj):
+    return _project(x, proj), (x, proj)
+
+
+def _project_bwd(res, g):
+    x, proj = res
+    k, p = proj.shape
+    dx = jnp.matmul(g, proj.T, precision=_HIGHEST).reshape(x.shape).astype(x.dtype)
+    # x in its own [..., n, C] shape, as the site's other gradients read it: in the layer scan's backward pass XLA
+    # then copies it out of the stacked residuals once instead of once per shape
+    if k == x.shape[-1]:
+        dproj_t = jnp.einsum("...p,...c->pc", g, x, precision=_HIGHEST, preferred_element_type=_F32)
+    else:
+        dproj_t = jnp.einsum("...p,...ic->pic", g, x, precision=_HIGHEST, preferred_element_type=_F32).reshape(p, k)
+    return dx, no_transpose_fold(dproj_t).T
+
+
+_project.defvjp(_project_fwd, _project_bwd)
 
 
 def _split(z: jax.Array, n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -254,13 +370,12 @@ class Connector(nnx.Module):
         if kind == "static":
             d_pre, d_post, d_res = _split(proj, n)
         elif kind == "dynamic":
-            d = jnp.einsum("...ic,ck->...ik", x.astype(_F32), proj, precision=_HIGHEST)
+            d = _project(x, proj)
             d = jnp.tanh(d * _rms_scale(x, self.config.norm_eps)[..., None])  # [B, S, n, 2 + n]
             d_pre, d_post, d_res = d[..., 0], d[..., 1], d[..., 2:]
         else:
-            xf = x.reshape(*x.shape[:-2], n * x.shape[-1])
-            d = jnp.matmul(xf.astype(_F32), proj, precision=_HIGHEST)
-            d_pre, d_post, d_res = _split(d * _rms_scale(xf, self.config.norm_eps)[..., None], n)
+            d = _project(x, proj)
+            d_pre, d_post, d_res = _split(d * _rms_scale(x, self.config.norm_eps, axes=(-2, -1))[..., None], n)
         b_pre, b_post, b_res = _split(base, n)
         return b_pre + scale[0] * d_pre, b_post + scale[1] * d_post, b_res + scale[2] * d_res
 
@@ -272,9 +387,12 @@ class Connector(nnx.Module):
         h_pre = jax.nn.sigmoid(z_pre) + eps
         h_post = 2.0 * jax.nn.sigmoid(z_post)
         g = reflect_gate(self.res_gate[...])
-        h_res = (1.0 - g) * jnp.eye(self.n, dtype=_F32) + g * sinkhorn(
-            z_res, self.config.sinkhorn_iters, eps, balance=self.config.sinkhorn_balance
+        # recomputed in the backward pass: the iterations are cheap, while storing them would add
+        # 6 x (iters - 1) small arrays per site to what the layer scan keeps for the backward pass
+        sk = jax.checkpoint(
+            functools.partial(sinkhorn, iters=self.config.sinkhorn_iters, eps=eps, balance=self.config.sinkhorn_balance)
         )
+        h_res = (1.0 - g) * jnp.eye(self.n, dtype=_F32) + g * sk(z_res)
         return h_pre, h_post, h_res
 
     def coefficients(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -303,7 +421,7 @@ class Connector(nnx.Module):
             return x + f(x)
         if self.n == 1:
             return x + f(x[..., 0, :])[..., None, :]
-        # per-token coefficients even for "static": on CPU the batched-matmul mix measured ~3x faster than [n, n]
+        # per-token coefficients for every kind (collapse and mix take them per token; "static" broadcasts)
         h_pre, h_post, h_res = self.coefficients(x)
         return mix(x, f(collapse(x, h_pre)), h_post, h_res)
 
