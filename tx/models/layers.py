@@ -162,10 +162,55 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     kh = k.shape[2]
     q = q.reshape(b, s, kh, h // kh, d)
     scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
-    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = masked_softmax(scores, mask[:, None, None]).astype(v.dtype)
     out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
     return out.reshape(b, s, h, d)
+
+
+@jax.custom_vjp
+def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """``softmax(where(mask, scores, NEG_INF))`` over the last axis; mask broadcasts against scores.
+
+    The backward pass keeps only the probabilities (and the mask, shared by every layer): autodiff of the same
+    expression keeps the masked scores, their exponentials and the probabilities, three [B, H, S, T] arrays per
+    layer for the layer scan to store.
+    """
+    return jax.nn.softmax(jnp.where(mask, scores, NEG_INF), axis=-1)
+
+
+def _masked_softmax_fwd(scores, mask):
+    probs = masked_softmax(scores, mask)
+    return probs, (probs, mask)
+
+
+def _masked_softmax_bwd(res, g):
+    probs, mask = res
+    ds = probs * (g - jnp.sum(g * probs, axis=-1, keepdims=True))
+    return jnp.where(mask, ds, 0.0).astype(probs.dtype), None  # masked scores are constants: no gradient
+
+
+masked_softmax.defvjp(_masked_softmax_fwd, _masked_softmax_bwd)
+
+
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """``silu(gate) * up``, keeping only gate and up for the backward pass (autodiff keeps three more arrays of
+    the MLP's width per layer: sigmoid(gate), silu(gate) and the product)."""
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(res, g):
+    gate, up = res
+    sig = jax.nn.sigmoid(gate)
+    silu = gate * sig
+    return g * up * (sig + silu * (1 - sig)), g * silu
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class MLP(nnx.Module):
@@ -178,4 +223,4 @@ class MLP(nnx.Module):
         self.down_proj = Linear(i, c, bias=bias, axes=("tp", "fsdp"), stack=stack, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
