@@ -64,7 +64,9 @@ def test_wrong_shape_names_both_shapes(ckpt):
         t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:10]
 
     rewrite(ckpt, shrink)
-    with pytest.raises(CheckpointError, match=r"'model.layers.0.self_attn.k_proj.weight' has shape \(10, 40\).*\(20, 40\)"):
+    with pytest.raises(
+        CheckpointError, match=r"'model.layers.0.self_attn.k_proj.weight' has shape \(10, 40\).*\(20, 40\)"
+    ):
         tx.load_model(ckpt)
 
 
@@ -81,7 +83,9 @@ def test_unexpected_tensors_listed(ckpt):
 def test_truncated_file(ckpt):
     data = (ckpt / "model.safetensors").read_bytes()
     (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"model.safetensors: truncated: tensor '.*' ends at byte \d+ but the file"):
+    with pytest.raises(
+        CheckpointError, match=r"model.safetensors: truncated: tensor '.*' ends at byte \d+ but the file"
+    ):
         tx.load_model(ckpt)
 
 
