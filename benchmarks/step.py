@@ -14,7 +14,12 @@ configuration alike, and the ratios below compare times taken in the same rounds
 - ``overhead_vs_lora``: best step time / LoRA's best step time - 1 (``..._paired_median``: the median over
   rounds of the ratio of the two times in the same round, - 1).
 
-Usage: python benchmarks/step.py [--steps 6] [--configs lora,mhc4] [--hidden 512 --layers 8 ...]
+``--tune-malloc`` (Linux / glibc; not what tx does by default) first makes glibc keep freed memory and serve
+large blocks from its heap: XLA:CPU allocates each step's temporary buffer (hundreds of MB here) with mmap and
+unmaps it afterwards, so every step page-faults all of it in again (~100k faults, ~0.15 s of kernel time per LoRA
+step on the 2-core test machine). The flag shows what that costs.
+
+Usage: python benchmarks/step.py [--steps 6] [--configs lora,mhc4] [--tune-malloc] [--hidden 512 --layers 8 ...]
 """
 
 from __future__ import annotations
@@ -84,6 +89,18 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
+def tune_malloc() -> bool:
+    """glibc: one arena, no mmap for large blocks, no trimming; must run before the XLA backend starts its threads."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
+    return all(libc.mallopt(k, v) == 1 for k, v in ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1)))
+
+
 def make_trainer(name, a, cfg, batch):
     """A Trainer for one configuration, compiled (its first step run); returns (trainer, compile seconds)."""
     import tx
@@ -128,7 +145,9 @@ def main():
     ap.add_argument("--remat", action="store_true")
     ap.add_argument("--steps", type=int, default=6, help="timed rounds (one step of every configuration each)")
     ap.add_argument("--configs", default="lora,static2,static4,dynamic2,dynamic4,mhc2,mhc4")
+    ap.add_argument("--tune-malloc", action="store_true", help="keep freed memory in glibc's heap (see above)")
     a = ap.parse_args()
+    tuned = tune_malloc() if a.tune_malloc else False
     cfg = model_config(a)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, a.vocab, size=(a.batch, a.seq + 1)).astype(np.int32)
@@ -176,6 +195,7 @@ def main():
                 "remat",
             )
         },
+        "tune_malloc": tuned,
         "step_flops": flops,
         "rounds": a.steps,
         "matmul_gflops_per_s": round(peak / 1e9, 1),
