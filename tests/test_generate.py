@@ -45,3 +45,22 @@ def test_stops_at_eos_and_rejects_too_long(checkpoints):
     assert generate_ids(model, [[5, 6, 7]], 3, eos_ids=[first[0]])[0] == [first[0]]
     with pytest.raises(tx.errors.ConfigError, match="exceeds the model's context"):
         generate_ids(model, [[5] * 10], 300)
+
+
+def test_generation_ignores_lora_dropout_and_keeps_the_mode(checkpoints):
+    """A model in training mode with LoRA dropout generates as in eval mode (dropout off), and stays in its mode."""
+    model = tx.load_model(checkpoints["llama"][0])
+    tx.attach(model, lora=tx.LoRAConfig(rank=4, alpha=8, dropout=0.5))
+    lora = model.layers.attn.q_proj
+    lora.lora_b.set_value(0.5 * np.random.default_rng(0).standard_normal(lora.lora_b.shape).astype(np.float32))
+    assert lora.deterministic is False
+    got = generate_ids(model, [[5, 17, 33, 8], [44, 12, 7]], 6)
+    assert lora.deterministic is False  # unchanged by generate
+    model.eval()
+    assert got == generate_ids(model, [[5, 17, 33, 8], [44, 12, 7]], 6)
+    # the same logits a dropout-free forward gives: greedy by full recomputation in eval mode
+    assert got[0] == greedy_full(model, [5, 17, 33, 8], 6)
+    model.train()
+    with_dropout = np.asarray(model(np.asarray([[5, 17, 33, 8]], np.int32)))
+    model.eval()
+    assert not np.allclose(with_dropout, np.asarray(model(np.asarray([[5, 17, 33, 8]], np.int32))))  # dropout is live

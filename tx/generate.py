@@ -72,7 +72,9 @@ def generate_ids(
     for i, p in enumerate(prompts):  # left padding: every prompt ends at the same slot
         ids[i, n - len(p) :] = p
         mask[i, n - len(p) :] = 1
-    graphdef, state = nnx.split(model)
+    inference = nnx.merge(*nnx.split(model))  # the same arrays in separate modules: the caller's mode is kept
+    inference.eval()  # no LoRA dropout while generating
+    graphdef, state = nnx.split(inference)
     cache = KVCache.create(model.config, b, total, model.dtype)
     logits, cache = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), cache)
     key = jax.random.key(seed)
