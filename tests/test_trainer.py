@@ -147,3 +147,25 @@ def test_output_folder_guard(checkpoints, tok, tmp_path):
 def test_config_validation(bad):
     with pytest.raises(tx.errors.ConfigError, match=list(bad)[0]):
         TrainConfig(**bad)
+
+
+def test_lora_dropout_trains_and_advances_its_keys(checkpoints, tok):
+    """LoRA dropout inside the compiled step: the keys advance each step and differ from a dropout-free run."""
+    folder, _ = checkpoints["qwen3"]
+    data = dataset(tok, None)
+    batch = data.batch(0)
+    lb = {}
+    for p in (0.0, 0.5):
+        model = tx.load_model(folder)
+        tx.attach(model, lora=tx.LoRAConfig(rank=4, alpha=8, dropout=p, seed=3))
+        tr = Trainer(model, TrainConfig(steps=3, lr=1e-2, batch_size=4, seq_len=48, progress=False))
+        keys = []
+        for _ in range(3):
+            tr.step(batch)
+            if p:
+                keys.append(np.asarray(model.layers.attn.q_proj.dropout_key[...]).copy())
+        lb[p] = np.asarray(model.layers.attn.q_proj.lora_b[...])
+        if p:
+            assert not np.array_equal(keys[0], keys[1]) and not np.array_equal(keys[1], keys[2])
+    assert np.abs(lb[0.5]).max() > 0
+    assert np.abs(lb[0.5] - lb[0.0]).max() > 1e-4  # dropout changed what the adapters learned

@@ -66,6 +66,7 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     grad_accum: int = 1
     remat: bool = False
+    scan_layers: bool = True  # False: unroll the layers (slower to compile, faster steps; see tx.models.decoder)
     seed: int = 0
     pack: str = "pack"  # "pack" | "pad"
     eval_fraction: float = 0.0  # carve an eval split out of the training data when no eval data is given
@@ -100,7 +101,7 @@ class TrainConfig:
             value = getattr(self, name)
             if (value is not None or name == "weight_decay") and not (is_number(value) and value >= 0):
                 raise ConfigError(f"TrainConfig.{name} must be a finite number >= 0, got {value!r}")
-        for name in ("remat", "resume", "overwrite", "progress"):
+        for name in ("remat", "scan_layers", "resume", "overwrite", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.schedule not in ("cosine", "constant"):
@@ -164,6 +165,7 @@ class Trainer:
         self.config = config = config or TrainConfig()
         self.mesh = mesh
         model.remat = config.remat
+        model.scan_layers = config.scan_layers
         lora_f, conn_f = trainable_filters()
         # random state (LoRA dropout keys) advances every step, so it travels through the step like the adapters
         self.graphdef, lora, conn, self.rng, self.rest = nnx.split(model, lora_f, conn_f, nnx.RngState, ...)
@@ -187,7 +189,9 @@ class Trainer:
 
     # ---- the compiled functions -------------------------------------------------------------
     def _loss(self, states, rng, rest, batch):
-        model = nnx.merge(self.graphdef, states["lora"], states["connector"], rng, rest)
+        # copy=True: fresh Variables at this trace level (inside value_and_grad); LoRA dropout advances its
+        # keys in place, and nnx refuses to mutate a Variable created at the outer (jit) level
+        model = nnx.merge(self.graphdef, states["lora"], states["connector"], rng, rest, copy=True)
         total, count = model_loss_sum(model, batch, self.config.loss_chunk)
         return total, (count, nnx.state(model, nnx.RngState))
 
@@ -215,7 +219,7 @@ class Trainer:
         return new_states, new_opt, rng, metrics
 
     def _eval_fn(self, states, rng, rest, batch):
-        model = nnx.merge(self.graphdef, states["lora"], states["connector"], rng, rest)
+        model = nnx.merge(self.graphdef, states["lora"], states["connector"], rng, rest, copy=True)
         model.eval()  # no dropout
         return model_loss_sum(model, batch, self.config.loss_chunk)
 
