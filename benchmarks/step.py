@@ -19,7 +19,8 @@ large blocks from its heap: XLA:CPU allocates each step's temporary buffer (hund
 unmaps it afterwards, so every step page-faults all of it in again (~100k faults, ~0.15 s of kernel time per LoRA
 step on the 2-core test machine). The flag shows what that costs.
 
-Usage: python benchmarks/step.py [--steps 6] [--configs lora,mhc4] [--tune-malloc] [--hidden 512 --layers 8 ...]
+Usage: python benchmarks/step.py [--steps 6] [--configs lora,mhc4] [--tune-malloc] [--no-scan-layers]
+       [--hidden 512 --layers 8 ...]
 """
 
 from __future__ import annotations
@@ -112,7 +113,15 @@ def make_trainer(name, a, cfg, batch):
     tx.attach(model, lora=tx.LoRAConfig(rank=a.rank, alpha=2 * a.rank), connector=conn)
     trainer = tx.Trainer(
         model,
-        tx.TrainConfig(steps=a.steps + 2, batch_size=a.batch, seq_len=a.seq, lr=1e-4, remat=a.remat, progress=False),
+        tx.TrainConfig(
+            steps=a.steps + 2,
+            batch_size=a.batch,
+            seq_len=a.seq,
+            lr=1e-4,
+            remat=a.remat,
+            scan_layers=a.scan_layers,
+            progress=False,
+        ),
     )
     t = time.perf_counter()
     jax.block_until_ready(trainer.step(batch))
@@ -143,6 +152,7 @@ def main():
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--remat", action="store_true")
+    ap.add_argument("--no-scan-layers", dest="scan_layers", action="store_false", help="unroll the layers")
     ap.add_argument("--steps", type=int, default=6, help="timed rounds (one step of every configuration each)")
     ap.add_argument("--configs", default="lora,static2,static4,dynamic2,dynamic4,mhc2,mhc4")
     ap.add_argument("--tune-malloc", action="store_true", help="keep freed memory in glibc's heap (see above)")
@@ -193,6 +203,7 @@ def main():
                 "rank",
                 "dtype",
                 "remat",
+                "scan_layers",
             )
         },
         "tune_malloc": tuned,

@@ -25,6 +25,8 @@ HELP = {
         "--lora-rank",
         "--lora-alpha",
         "--targets",
+        "--lora-dropout",
+        "--no-scan-layers",
         "--expansion-rate",
         "--kind",
         "--steps",

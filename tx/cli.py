@@ -39,6 +39,7 @@ def _adapter_args(p):
         default="all-linear",
         help="'all-linear', comma-separated module names (q_proj,v_proj) or a regex on the module path",
     )
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input, in [0, 1) (default: 0)")
     g.add_argument("--use-rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
     g.add_argument("--expansion-rate", type=int, default=4, help="connector streams n; 1 = no connector (default: 4)")
     g.add_argument("--kind", default="mhc", choices=["mhc", "dynamic", "static"], help="connector kind (default: mhc)")
@@ -101,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--grad-clip", type=float, default=1.0)
     t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (batch-size must divide)")
     t.add_argument("--remat", action="store_true", help="gradient checkpointing of each layer")
+    t.add_argument(
+        "--no-scan-layers",
+        dest="scan_layers",
+        action="store_false",
+        help="unroll the layers instead of jax.lax.scan: slower to compile, faster steps on CPU",
+    )
     t.add_argument("--pad", action="store_true", help="one document per row, padded (default: packed)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--eval-every", type=int, default=0)
@@ -150,7 +157,9 @@ def _configs(args):
         if targets != "all-linear" and "," in targets or targets.isidentifier():
             targets = [t.strip() for t in targets.split(",") if t.strip()]
         alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
-        lora = tx.LoRAConfig(rank=args.lora_rank, alpha=alpha, targets=targets, use_rslora=args.use_rslora)
+        lora = tx.LoRAConfig(
+            rank=args.lora_rank, alpha=alpha, targets=targets, dropout=args.lora_dropout, use_rslora=args.use_rslora
+        )
     conn = None
     if args.expansion_rate > 1:
         conn = tx.ConnectorConfig(
@@ -214,6 +223,7 @@ def cmd_finetune(args) -> int:
         grad_clip=args.grad_clip,
         grad_accum=args.grad_accum,
         remat=args.remat,
+        scan_layers=args.scan_layers,
         seed=args.seed,
         pack="pad" if args.pad else "pack",
         eval_fraction=args.eval_fraction,
