@@ -19,6 +19,7 @@ import tokenizers
 
 from tx.errors import CheckpointError, DataError
 from tx.hub import resolve
+from tx.jsonfile import read_json_object
 
 # The named special tokens transformers exposes to chat templates (``special_tokens_map``), in its order.
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -224,15 +225,8 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} should hold a JSON object, found {type(data).__name__}")
-    return data
+    """The JSON object in ``path``, or ``{}`` where the file is missing (every such file is optional)."""
+    return read_json_object(path, CheckpointError) if path.is_file() else {}
 
 
 def _token_str(value: Any) -> str | None:

@@ -36,6 +36,7 @@ from tx.adapters.attach import (
 from tx.adapters.connector import ConnectorConfig
 from tx.adapters.lora import ALL_LINEAR, LoRAConfig
 from tx.errors import AdapterError, ConfigError
+from tx.jsonfile import read_json_object
 from tx.models.families import LINEAR_MODULES
 from tx.safetensors_io import SafetensorsFile, atomic_write_bytes, save_tensors
 
@@ -65,20 +66,6 @@ _UNSUPPORTED = {
 def _write_json(path: Path, data: dict) -> None:
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
-    except UnicodeDecodeError as exc:
-        raise AdapterError(f"{path} is not valid JSON: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise AdapterError(f"{path}: cannot read ({exc.strerror})") from None
-    if not isinstance(data, dict):
-        raise AdapterError(f"{path} must hold a JSON object, found {type(data).__name__}")
-    return data
 
 
 # ----------------------------------------------------------------------------------------------------- saving
@@ -361,10 +348,11 @@ def load_adapter(model, path):
     if has_lora(model) or has_connector(model):
         raise AdapterError("load_adapter needs a model without adapters; call tx.detach(model) first")
     lora_cfg = conn_cfg = None
-    if (folder / ADAPTER_CONFIG).is_file():
-        lora_cfg = lora_config_from_peft(_read_json(folder / ADAPTER_CONFIG), folder / ADAPTER_CONFIG)
-    if (folder / CONNECTOR_CONFIG).is_file():
-        conn_cfg = connector_config_from_sidecar(_read_json(folder / CONNECTOR_CONFIG), folder / CONNECTOR_CONFIG)
+    lora_file, conn_file = folder / ADAPTER_CONFIG, folder / CONNECTOR_CONFIG
+    if lora_file.is_file():
+        lora_cfg = lora_config_from_peft(read_json_object(lora_file, AdapterError), lora_file)
+    if conn_file.is_file():
+        conn_cfg = connector_config_from_sidecar(read_json_object(conn_file, AdapterError), conn_file)
     if lora_cfg is None and conn_cfg is None:
         raise AdapterError(
             f"adapter folder {folder} has neither {ADAPTER_CONFIG} (a PEFT LoRA adapter) nor {CONNECTOR_CONFIG} "

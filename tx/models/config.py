@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 from tx.errors import CheckpointError
+from tx.jsonfile import read_json_object
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -64,15 +64,7 @@ def read_config_json(folder: Path) -> dict[str, Any]:
             f"{folder} has no config.json; a checkpoint folder needs config.json and *.safetensors "
             "(as written by transformers' save_pretrained)"
         )
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
-    except UnicodeDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, found {type(data).__name__}")
-    return data
+    return read_json_object(path, CheckpointError)
 
 
 def _get(data: dict, key: str, kind: type | tuple, path: str, default: Any = dataclasses.MISSING) -> Any:
