@@ -14,12 +14,13 @@ configuration alike, and the ratios below compare times taken in the same rounds
 - ``overhead_vs_lora``: best step time / LoRA's best step time - 1 (``..._paired_median``: the median over
   rounds of the ratio of the two times in the same round, - 1).
 
-``--tune-malloc`` (Linux / glibc; not what tx does by default) first makes glibc keep freed memory and serve
-large blocks from its heap: XLA:CPU allocates each step's temporary buffer (hundreds of MB here) with mmap and
-unmaps it afterwards, so every step page-faults all of it in again (~100k faults, ~0.15 s of kernel time per LoRA
-step on the 2-core test machine). The flag shows what that costs.
+By default the benchmark first calls :func:`tx.host_memory.keep_freed_memory`, as every ``tx`` command does:
+XLA:CPU allocates each step's temporary buffer (hundreds of MB here) with malloc, which glibc maps and unmaps
+every step, so every step page-faults all of it in again (~110k faults, ~0.19 s of kernel time per LoRA step on
+the 2-core test machine, against ~11k faults kept). ``--plain-malloc`` leaves glibc as it is, to show that cost;
+``page_faults_per_step`` reports it either way.
 
-Usage: python benchmarks/step.py [--steps 6] [--configs lora,mhc4] [--tune-malloc] [--no-scan-layers]
+Usage: python benchmarks/step.py [--steps 6] [--configs lora,mhc4] [--plain-malloc] [--no-scan-layers]
        [--hidden 512 --layers 8 ...]
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import time
 
@@ -90,18 +92,6 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def tune_malloc() -> bool:
-    """glibc: one arena, no mmap for large blocks, no trimming; must run before the XLA backend starts its threads."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
-    return all(libc.mallopt(k, v) == 1 for k, v in ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1)))
-
-
 def make_trainer(name, a, cfg, batch):
     """A Trainer for one configuration, compiled (its first step run); returns (trainer, compile seconds)."""
     import tx
@@ -155,9 +145,11 @@ def main():
     ap.add_argument("--no-scan-layers", dest="scan_layers", action="store_false", help="unroll the layers")
     ap.add_argument("--steps", type=int, default=6, help="timed rounds (one step of every configuration each)")
     ap.add_argument("--configs", default="lora,static2,static4,dynamic2,dynamic4,mhc2,mhc4")
-    ap.add_argument("--tune-malloc", action="store_true", help="keep freed memory in glibc's heap (see above)")
+    ap.add_argument("--plain-malloc", action="store_true", help="leave glibc's malloc as it is (see above)")
     a = ap.parse_args()
-    tuned = tune_malloc() if a.tune_malloc else False
+    from tx.host_memory import keep_freed_memory
+
+    kept = False if a.plain_malloc else keep_freed_memory()  # before JAX starts its threads
     cfg = model_config(a)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, a.vocab, size=(a.batch, a.seq + 1)).astype(np.int32)
@@ -178,13 +170,15 @@ def main():
     for name in names:
         trainers[name], compile_s[name] = make_trainer(name, a, cfg, batch)
     times = {name: [] for name in names}
+    faults = {name: [] for name in names}
     matmul_times = []
     for r in range(a.steps):
         matmul_times += [matmul(), matmul()]
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            t = time.perf_counter()
+            f, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
             jax.block_until_ready(trainers[name].step(batch))
             times[name].append(time.perf_counter() - t)
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
     peak = matmul_flops / min(matmul_times)
     out = {
         "device": str(jax.devices()[0].device_kind),
@@ -206,7 +200,7 @@ def main():
                 "scan_layers",
             )
         },
-        "tune_malloc": tuned,
+        "keep_freed_memory": kept,
         "step_flops": flops,
         "rounds": a.steps,
         "matmul_gflops_per_s": round(peak / 1e9, 1),
@@ -222,6 +216,7 @@ def main():
             "fraction_of_matmul_peak_median": flops / median / peak,
             "compile_seconds": compile_s[name],
             "step_memory_mb": step_memory_mb(trainers[name], batch),
+            "page_faults_per_step": int(statistics.median(faults[name])),
         }
         out["configs"][name] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
     if "lora" in times:

@@ -10,7 +10,10 @@ from pathlib import Path
 DESCRIPTION = """Fine-tune pretrained Hugging Face checkpoints with LoRA and (manifold-constrained) hyper-connections.
 
 MODEL is a local checkpoint folder (config.json + *.safetensors) or a hub id such as Qwen/Qwen3-0.6B.
-Run 'tx COMMAND --help' for the options of each command."""
+Run 'tx COMMAND --help' for the options of each command.
+
+On Linux (glibc) tx keeps freed memory in the process, which saves XLA:CPU re-faulting its step buffer
+in every step; TX_KEEP_FREED_MEMORY=0 turns that off (see tx/host_memory.py)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -322,7 +325,9 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     from tx.errors import TxError
+    from tx.host_memory import keep_freed_memory
 
+    keep_freed_memory()  # before JAX starts its threads
     try:
         return COMMANDS[args.command](args)
     except TxError as exc:
