@@ -15,6 +15,7 @@ import mmap
 import os
 import re
 import struct
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -210,16 +211,37 @@ def write_error(path: Path, exc: BaseException) -> WriteError:
     return err
 
 
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read from ``/proc/self/status`` where Linux shows it (so it never changes)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _umask_lock:  # elsewhere: set and restore it; meanwhile a file made by another thread is only stricter
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, write) -> None:
     """Call ``write(tmp_path)``, fsync, then rename into place, so a crash at any moment leaves the old file intact.
 
-    The temporary file is ``.<name>.tmp-<pid>`` next to ``path`` and is removed on any error. An I/O error (a full
-    disk, a read-only folder) is raised as a :class:`~tx.errors.WriteError` that names ``path``.
+    The temporary file is ``.<name>.tmp-<pid>`` next to ``path`` and is removed on any error. The file gets the
+    mode a plain ``open(path, "w")`` gives (``0o666`` less the umask), whatever mode ``write`` created it with:
+    ``safetensors`` creates its files ``0o600``, which other users (a vLLM server, a colleague) cannot read. An
+    I/O error (a full disk, a read-only folder) is raised as a :class:`~tx.errors.WriteError` that names ``path``.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
