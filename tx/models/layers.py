@@ -157,7 +157,32 @@ class Attention(nnx.Module):
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax attention in fp32. q: [B, S, H, D], k/v: [B, T, K, D] with H = K * G, mask: [B, S, T]."""
+    """Softmax attention in fp32. q: [B, S, H, D], k/v: [B, T, K, D] with H = K * G, mask: [B, S, T].
+
+    On CPU: :func:`attend_einsum` (its backward keeps only the probabilities; measured faster there than
+    ``jax.nn.dot_product_attention``). On GPU/TPU: :func:`attend_fused`.
+    """
+    if jax.default_backend() == "cpu":
+        return attend_einsum(q, k, v, mask)
+    return attend_fused(q, k, v, mask)
+
+
+def attend_fused(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementation=None) -> jax.Array:
+    """``jax.nn.dot_product_attention`` with the same arguments as :func:`attend` (fp32 logits and softmax).
+
+    On GPU with bf16/fp16 inputs it first asks for cuDNN's fused (flash) attention and falls back to XLA's
+    when cuDNN refuses the configuration (head size, mask, GPU generation); elsewhere XLA's.
+    """
+    if implementation is None and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
+        except Exception:  # noqa: BLE001 - any refusal at trace time means: use XLA's implementation
+            pass
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation or "xla")
+
+
+def attend_einsum(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """:func:`attend` as two einsums around :func:`masked_softmax`, grouped query heads without repeating k/v."""
     b, s, h, d = q.shape
     kh = k.shape[2]
     q = q.reshape(b, s, kh, h // kh, d)
