@@ -9,6 +9,7 @@ Each parameter carries ``axes``: logical names of its dimensions, used by :mod:`
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 import jax
@@ -172,8 +173,10 @@ def attend_fused(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl
 
     On GPU with bf16/fp16 inputs it first asks for cuDNN's fused (flash) attention and falls back to XLA's
     when cuDNN refuses the configuration (head size, mask, GPU generation); elsewhere XLA's.
+    ``TX_CUDNN_ATTENTION=0`` skips cuDNN.
     """
-    if implementation is None and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+    cudnn = os.environ.get("TX_CUDNN_ATTENTION", "1") != "0" and jax.default_backend() == "gpu"
+    if implementation is None and cudnn and q.dtype in (jnp.bfloat16, jnp.float16):
         try:
             return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
         except Exception:  # noqa: BLE001 - any refusal at trace time means: use XLA's implementation
