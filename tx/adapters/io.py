@@ -38,6 +38,7 @@ from tx.adapters.lora import ALL_LINEAR, LoRAConfig
 from tx.errors import AdapterError, ConfigError
 from tx.jsonfile import read_json_object
 from tx.models.families import LINEAR_MODULES
+from tx.multihost import host_array, is_writer, sync
 from tx.safetensors_io import SafetensorsFile, atomic_write_bytes, save_tensors
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -120,8 +121,8 @@ def save_adapter(model, path) -> Path:
     LoRA goes to ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT layout, fp32, adapted layers only);
     a connector with ``expansion_rate > 1`` to ``tx_connector_config.json`` + ``tx_connector.safetensors``. Files of
     the other kind left by an earlier save into the same folder are removed, so the folder describes this model.
+    With several processes (jax.distributed) every process calls it and process 0 writes (see tx.multihost).
     """
-    import tx
 
     folder = Path(path)
     modules, connectors = lora_modules(model), connector_modules(model)
@@ -132,36 +133,46 @@ def save_adapter(model, path) -> Path:
         )
     if folder.exists() and not folder.is_dir():
         raise AdapterError(f"{folder} is a file; save_adapter needs a folder")
+    lora_tensors, conn_tensors = {}, {}  # gathered in every process (jax.distributed), written by process 0
+    for site, module in modules:
+        a = host_array(module.lora_a[...]).astype(np.float32)
+        b = host_array(module.lora_b[...]).astype(np.float32)
+        for i in np.flatnonzero(module.layer_mask):
+            key = PEFT_PREFIX + site.hf_path(int(i))
+            lora_tensors[f"{key}.lora_A.weight"] = a[i]
+            lora_tensors[f"{key}.lora_B.weight"] = b[i]
+    for name, conn in connectors.items():
+        for var_path, var in nnx.to_flat_state(nnx.state(conn, nnx.Variable)):
+            conn_tensors[".".join(["layers", name, *map(str, var_path)])] = host_array(var[...])
+    if is_writer():
+        try:
+            _write_adapter(model, folder, lora_tensors, conn_tensors, connectors)
+        finally:
+            sync(f"adapter {folder}")
+    else:
+        sync(f"adapter {folder}")
+    return folder
+
+
+def _write_adapter(model, folder: Path, lora_tensors, conn_tensors, connectors) -> None:
+    import tx
+
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "tx_version": tx.__version__, "tx_format_version": str(FORMAT_VERSION)}
-    if modules:
-        tensors = {}
-        for site, module in modules:
-            a = np.asarray(jax.device_get(module.lora_a[...]), np.float32)
-            b = np.asarray(jax.device_get(module.lora_b[...]), np.float32)
-            for i in np.flatnonzero(module.layer_mask):
-                key = PEFT_PREFIX + site.hf_path(int(i))
-                tensors[f"{key}.lora_A.weight"] = a[i]
-                tensors[f"{key}.lora_B.weight"] = b[i]
-        save_tensors(tensors, folder / ADAPTER_WEIGHTS, metadata=meta)
+    if lora_tensors:
+        save_tensors(lora_tensors, folder / ADAPTER_WEIGHTS, metadata=meta)
         _write_json(folder / ADAPTER_CONFIG, peft_config(model))
     else:
         for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
             (folder / name).unlink(missing_ok=True)
-    if connectors:
+    if conn_tensors:
         config = next(iter(connectors.values())).config
-        tensors = {}
-        for name, conn in connectors.items():
-            for var_path, var in nnx.to_flat_state(nnx.state(conn, nnx.Variable)):
-                key = ".".join(["layers", name, *map(str, var_path)])
-                tensors[key] = np.asarray(jax.device_get(var[...]))
-        save_tensors(tensors, folder / CONNECTOR_WEIGHTS, metadata=meta)
+        save_tensors(conn_tensors, folder / CONNECTOR_WEIGHTS, metadata=meta)
         sidecar = {"format_version": FORMAT_VERSION, "tx_version": tx.__version__, **dataclasses.asdict(config)}
         _write_json(folder / CONNECTOR_CONFIG, sidecar)
     else:
         for name in (CONNECTOR_CONFIG, CONNECTOR_WEIGHTS):
             (folder / name).unlink(missing_ok=True)
-    return folder
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -257,7 +268,10 @@ def _assign(var: nnx.Variable, value: np.ndarray) -> None:
     old = var[...]
     new = np.asarray(value, dtype=old.dtype)
     sharding = getattr(old, "sharding", None)
-    var.set_value(jax.device_put(new, sharding) if sharding is not None else jax.numpy.asarray(new))
+    # a value on a mesh keeps its sharding; any other is left uncommitted (as attach made it), so it can join a
+    # computation on a mesh (a copy committed to one device would be refused there)
+    placed = isinstance(sharding, jax.sharding.NamedSharding)
+    var.set_value(jax.device_put(new, sharding) if placed else jax.numpy.asarray(new))
 
 
 def _problems_error(folder: Path, file: str, problems: list[str]) -> AdapterError:

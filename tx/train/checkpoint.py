@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from tx.errors import CheckpointError, TxError
+from tx.multihost import host_array, is_writer, sync
 from tx.safetensors_io import (
     SafetensorsFile,
     atomic_write_bytes,
@@ -44,7 +45,7 @@ def _owner() -> str:
 
 
 def _flat(state: nnx.State, prefix: str) -> dict[str, np.ndarray]:
-    return {prefix + "/".join(str(p) for p in path): np.asarray(v[...]) for path, v in nnx.to_flat_state(state)}
+    return {prefix + "/".join(str(p) for p in path): host_array(v[...]) for path, v in nnx.to_flat_state(state)}
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -83,20 +84,32 @@ def save_checkpoint(root: Path, step: int, states: dict[str, nnx.State], opt_sta
     """Write ``states`` (name -> nnx.State), the optimiser state and ``info`` as ``root/step_<step>``; returns it.
 
     Raises :class:`~tx.errors.WriteError` (naming the file, saying when the disk is full) if it cannot be written;
-    the partial checkpoint is removed and the earlier ones are kept.
+    the partial checkpoint is removed and the earlier ones are kept. With several processes (jax.distributed)
+    every process must call it: all gather the values, process 0 writes, all wait until it is written.
     """
     root = Path(root)
     final = root / f"step_{step:07d}"
+    tensors = {}
+    for name, state in states.items():
+        tensors.update(_flat(state, f"{name}:"))
+    for i, leaf in enumerate(jax.tree.leaves(opt_state)):
+        tensors[f"opt:{i}"] = host_array(leaf)
+    if not is_writer():
+        sync(f"checkpoint {final}")
+        return final
+    try:
+        _write_checkpoint(root, final, step, tensors, info, keep)
+    finally:
+        sync(f"checkpoint {final}")
+    return final
+
+
+def _write_checkpoint(root: Path, final: Path, step: int, tensors: dict, info: dict, keep: int) -> None:
     tmp = root / f"{TMP_PREFIX}step_{step:07d}-{_owner()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
         remove_stale(root)
         tmp.mkdir()
-        tensors = {}
-        for name, state in states.items():
-            tensors.update(_flat(state, f"{name}:"))
-        for i, leaf in enumerate(jax.tree.leaves(opt_state)):
-            tensors[f"opt:{i}"] = np.asarray(leaf)
         save_tensors(tensors, tmp / "train_state.safetensors")
         _write_text(tmp / "state.json", json.dumps({"format": FORMAT, "step": step, **info}, indent=2))
         _write_text(tmp / "COMPLETE", "ok\n")
@@ -110,7 +123,6 @@ def save_checkpoint(root: Path, step: int, states: dict[str, nnx.State], opt_sta
     fsync_dir(root)
     for old in sorted(complete_checkpoints(root))[:-keep]:
         remove_checkpoint(old)
-    return final
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -139,6 +151,14 @@ def read_info(path: Path) -> dict:
     if info.get("format", 0) > FORMAT:
         raise TxError(f"{path} was written by a newer tx (format {info['format']}); upgrade tx to resume it")
     return info
+
+
+def _placed_like(value: np.ndarray, like):
+    """``value`` with the sharding of ``like`` when that is on a mesh; else uncommitted (free to join any mesh)."""
+    sharding = getattr(like, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.device_put(value, sharding)
+    return jax.numpy.asarray(value)
 
 
 def load_checkpoint(path: Path, states: dict[str, nnx.State], opt_state):
@@ -186,12 +206,8 @@ def load_checkpoint(path: Path, states: dict[str, nnx.State], opt_state):
                 "connector options, or start a new run (another --out, or --overwrite):\n  - " + "\n  - ".join(shown)
             )
         for key, var in plan:
-            var.set_value(jax.device_put(np.array(f.get(key)), var[...].sharding).astype(var[...].dtype))
-        new = []
-        for i, leaf in enumerate(leaves):
-            value = np.array(f.get(f"opt:{i}")).reshape(np.shape(leaf))
-            sharding = getattr(leaf, "sharding", None)
-            new.append(jax.device_put(value, sharding) if sharding is not None else value)
+            var.set_value(_placed_like(np.array(f.get(key)).astype(var[...].dtype), var[...]))
+        new = [_placed_like(np.array(f.get(f"opt:{i}")).reshape(np.shape(leaf)), leaf) for i, leaf in enumerate(leaves)]
         return jax.tree.unflatten(treedef, new), info
     finally:
         f.close()

@@ -29,7 +29,9 @@ import optax
 from flax import nnx
 
 from tx.errors import CheckpointError, ConfigError, TxError
+from tx.multihost import agree, is_writer
 from tx.safetensors_io import atomic_write_bytes, write_error
+from tx.sharding import shard_state
 from tx.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -169,6 +171,9 @@ class Trainer:
         lora_f, conn_f = trainable_filters()
         # random state (LoRA dropout keys) advances every step, so it travels through the step like the adapters
         self.graphdef, lora, conn, self.rng, self.rest = nnx.split(model, lora_f, conn_f, nnx.RngState, ...)
+        if mesh is not None:  # every trained value on the mesh (the connector's are made unplaced), by its axes
+            for state in (lora, conn, self.rng):
+                shard_state(mesh, state)
         if not jax.tree.leaves(lora) and not jax.tree.leaves(conn):
             raise ConfigError(
                 "the model has nothing to train: attach LoRA and/or a trainable connector first, "
@@ -271,14 +276,23 @@ class Trainer:
         out = Path(cfg.out) if cfg.out else None
         history: list[dict[str, Any]] = []
         if out is not None:
-            self._prepare_out(out)
+            failure = None
+            if is_writer():  # process 0 prepares the folder; the others wait for it (tx.multihost)
+                try:
+                    self._prepare_out(out)
+                except BaseException as exc:
+                    failure = exc
+            agree(failure is None, f"prepare the run folder {out}")
+            if failure is not None:
+                raise failure
         start = self.step_count
         saved = None  # the step of a checkpoint already on disk for the current state
         if out is not None and cfg.resume:
             start = self.restore(out)
             saved = start if latest_checkpoint(out / "checkpoints") is not None else None
-        metrics_file = out / "metrics.jsonl" if out else None
-        self._tb = _tensorboard(out) if out else None
+        writer = out is not None and is_writer()
+        metrics_file = out / "metrics.jsonl" if writer else None
+        self._tb = _tensorboard(out) if writer else None
         if metrics_file is not None:
             _truncate_metrics(metrics_file, start)
         bar = tqdm(

@@ -1,0 +1,72 @@
+"""Two processes joined by jax.distributed (4 fake CPU devices each) train one run on a mesh spanning both: the
+losses and adapters equal a one-process run on 8 devices, process 0 alone writes the run folder, and a resumed
+run reads its checkpoint in both processes."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fixtures_models import make_checkpoint
+from fixtures_run import chat_records, write_jsonl
+from fixtures_tokenizer import make_chatml_tokenizer
+
+import tx
+
+SCRIPT = Path(__file__).parent / "multihost_check.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args, devices):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def report(proc):
+    stdout, stderr = proc.communicate(timeout=500)
+    assert proc.returncode == 0, stderr[-3000:]
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tmp_path):
+    make_chatml_tokenizer(tmp_path / "tok")
+    tok = tx.load_tokenizer(tmp_path / "tok")
+    folder, _ = make_checkpoint("qwen3", tmp_path / "ckpt", vocab_size=tok.vocab_size)
+    data = write_jsonl(tmp_path / "data.jsonl", chat_records(64))
+    port = free_port()
+    procs = [launch(["multi", pid, port, folder, tmp_path / "multi", data, tmp_path / "tok"], 4) for pid in (0, 1)]
+    single = report(launch(["single", "-", "-", folder, tmp_path / "single", data, tmp_path / "tok"], 8))
+    multi = [report(p) for p in procs]
+
+    assert len(single["losses"]) == 6
+    for r in multi:
+        np.testing.assert_allclose(r["losses"], single["losses"], atol=1e-5)
+        np.testing.assert_allclose(np.array(r["lora_b"]), np.array(single["lora_b"]), atol=1e-5)
+        assert not r["fully_addressable"] and r["local_bytes"] == r["weight_bytes"] // 2  # each holds half
+    assert np.abs(np.array(single["lora_b"])).max() > 0
+
+    run = tmp_path / "multi"
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4, 5, 6]  # written once, by process 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000004", "step_0000006"]
+    assert not [p for p in run.rglob("*") if p.name.startswith(".")]  # no temporary files left behind
+    # the adapter written by process 0 holds the trained values
+    model = tx.load_model(folder)
+    tx.load_adapter(model, run / "adapter")
+    np.testing.assert_allclose(np.asarray(model.layers.mlp.up_proj.lora_b[...]), np.array(single["lora_b"]), atol=1e-5)
