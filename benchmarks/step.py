@@ -17,10 +17,11 @@ configuration alike, and the ratios below compare times taken in the same rounds
 By default the benchmark first calls :func:`tx.host_memory.keep_freed_memory`, as every ``tx`` command does:
 XLA:CPU allocates each step's temporary buffer (hundreds of MB here) with malloc, which glibc maps and unmaps
 every step, so every step page-faults all of it in again (~110k faults, ~0.19 s of kernel time per LoRA step on
-the 2-core test machine, against ~11k faults kept). ``--plain-malloc`` leaves glibc as it is, to show that cost;
+the 2-core test machine; none to ~11k when kept). ``--plain-malloc`` leaves glibc as it is, to show that cost;
 ``page_faults_per_step`` reports it either way.
 
-Usage: python benchmarks/step.py [--steps 6] [--configs lora,mhc4] [--plain-malloc] [--no-scan-layers]
+Usage: python benchmarks/step.py [--steps 6] [--configs lora,mhc4,lora+unrolled,mhc4+unrolled] [--plain-malloc]
+       [--no-scan-layers]
        [--hidden 512 --layers 8 ...]
 """
 
@@ -98,7 +99,8 @@ def make_trainer(name, a, cfg, batch):
     from tx.models.decoder import CausalLM
 
     model = CausalLM(cfg, dtype=jnp.dtype(a.dtype), rngs=nnx.Rngs(0))
-    spec = CONFIGS[name]
+    kind, _, loop = name.partition("+")
+    spec = CONFIGS[kind]
     conn = tx.ConnectorConfig(expansion_rate=spec[1], kind=spec[0]) if spec else None
     tx.attach(model, lora=tx.LoRAConfig(rank=a.rank, alpha=2 * a.rank), connector=conn)
     trainer = tx.Trainer(
@@ -109,7 +111,7 @@ def make_trainer(name, a, cfg, batch):
             seq_len=a.seq,
             lr=1e-4,
             remat=a.remat,
-            scan_layers=a.scan_layers,
+            scan_layers=a.scan_layers and loop != "unrolled",
             progress=False,
         ),
     )
@@ -144,7 +146,11 @@ def main():
     ap.add_argument("--remat", action="store_true")
     ap.add_argument("--no-scan-layers", dest="scan_layers", action="store_false", help="unroll the layers")
     ap.add_argument("--steps", type=int, default=6, help="timed rounds (one step of every configuration each)")
-    ap.add_argument("--configs", default="lora,static2,static4,dynamic2,dynamic4,mhc2,mhc4")
+    ap.add_argument(
+        "--configs",
+        default="lora,static2,static4,dynamic2,dynamic4,mhc2,mhc4",
+        help="comma-separated; a name + '+unrolled' (e.g. lora+unrolled) runs that one with scan_layers=False",
+    )
     ap.add_argument("--plain-malloc", action="store_true", help="leave glibc's malloc as it is (see above)")
     a = ap.parse_args()
     from tx.host_memory import keep_freed_memory
@@ -166,6 +172,10 @@ def main():
     flops = 4 * matmul_params * tokens + 3 * 4 * a.batch * a.seq**2 * a.heads * hd * L
     matmul, matmul_flops = matmul_timer()
     names = [n for n in a.configs.split(",") if n]
+    for n in names:
+        kind, plus, loop = n.partition("+")
+        if kind not in CONFIGS or (plus and loop != "unrolled"):
+            ap.error(f"unknown configuration {n!r}: pick from {', '.join(CONFIGS)}, each optionally + '+unrolled'")
     trainers, compile_s = {}, {}
     for name in names:
         trainers[name], compile_s[name] = make_trainer(name, a, cfg, batch)
@@ -222,6 +232,13 @@ def main():
     if "lora" in times:
         base = times["lora"]
         others = [n for n in names if n != "lora"]
+        if "lora+unrolled" in times:  # unrolled connectors against unrolled LoRA
+            base_u = times["lora+unrolled"]
+            others_u = [n for n in others if n.endswith("+unrolled") and n != "lora+unrolled"]
+            out["overhead_vs_lora_unrolled"] = {n: round(min(times[n]) / min(base_u) - 1, 4) for n in others_u}
+            out["overhead_vs_lora_unrolled_paired_median"] = {
+                n: round(statistics.median(t / b for t, b in zip(times[n], base_u)) - 1, 4) for n in others_u
+            }
         out["overhead_vs_lora"] = {n: round(min(times[n]) / min(base) - 1, 4) for n in others}
         out["overhead_vs_lora_paired_median"] = {
             n: round(statistics.median(t / b for t, b in zip(times[n], base)) - 1, 4) for n in others
