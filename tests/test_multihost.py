@@ -70,3 +70,48 @@ def test_two_processes_train_like_one(tmp_path):
     model = tx.load_model(folder)
     tx.load_adapter(model, run / "adapter")
     np.testing.assert_allclose(np.asarray(model.layers.mlp.up_proj.lora_b[...]), np.array(single["lora_b"]), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_cli_two_processes_equal_one(tmp_path_factory, tmp_path):
+    """``tx finetune --coordinator ... --num-processes 2 --process-id I`` on two processes = one process, same mesh."""
+    from fixtures_run import ROOT, model_folder, tx_env
+
+    from tx.safetensors_io import SafetensorsFile
+
+    folder = model_folder(tmp_path_factory)
+    data = write_jsonl(tmp_path / "data.jsonl", chat_records(32))
+    common = ["--model", folder, "--data", data, "--steps", 2, "--batch-size", 8, "--seq-len", 32, "--lr", 1e-2]
+    common += ["--mesh", "fsdp=4,tp=2", "--expansion-rate", 2, "--lora-rank", 4]
+
+    def run(args, devices):
+        env = {**tx_env(), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        cmd = [sys.executable, "-m", "tx", "finetune", *map(str, common + args)]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+
+    port = free_port()
+    dist = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", 2]
+    procs = [run(["--out", tmp_path / "multi", *dist, "--process-id", i], 4) for i in (0, 1)]
+    procs.append(run(["--out", tmp_path / "single"], 8))
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=500)
+        assert proc.returncode == 0, stderr[-3000:]
+
+    def losses(run):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x)["loss"] for x in lines if "loss" in x]
+
+    assert len(losses("multi")) == 2  # one metrics line per step: only process 0 writes
+    np.testing.assert_allclose(losses("multi"), losses("single"), atol=1e-5)
+    # Adam moves each value by at most lr per step (2 steps at 1e-2 here) and scales the fp32 noise of a gradient
+    # near zero (the two runs sum over devices in another order) up to that bound. LoRA: allow 0.5% of it. The
+    # connector's gates: 5% (at init every stream is equal, so the gradient of H_res's gate is ~0 and its first
+    # moves follow rounding; measured 1%). A shard gathered from the wrong place differs by the values (~0.1).
+    bound = 1e-2 * 2
+    for name, share in (("adapter_model.safetensors", 5e-3), ("tx_connector.safetensors", 5e-2)):
+        a, b = (SafetensorsFile(tmp_path / run / "adapter" / name) for run in ("multi", "single"))
+        assert sorted(a.infos) == sorted(b.infos)
+        for key in a.infos:
+            np.testing.assert_allclose(a.get(key), b.get(key), atol=share * bound, err_msg=key)
+    lora = SafetensorsFile(tmp_path / "single" / "adapter" / "adapter_model.safetensors")
+    assert max(float(np.abs(lora.get(k)).max()) for k in lora.infos) > 0.05

@@ -116,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-every", type=int, default=0)
     t.add_argument("--save-every", type=int, default=0)
     t.add_argument("--mesh", default=None, help="device mesh, e.g. fsdp=4,tp=2 (default: one device)")
+    d = p.add_argument_group("several hosts (run the same command on every host; see README)")
+    d.add_argument("--distributed", action="store_true", help="join the other processes (jax.distributed.initialize)")
+    d.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 (implies --distributed)")
+    d.add_argument("--num-processes", type=int, help="number of processes (with --coordinator)")
+    d.add_argument("--process-id", type=int, help="this process, 0 .. num-processes - 1 (with --coordinator)")
     t.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, adapter/")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace what --out holds")
@@ -213,6 +218,10 @@ def cmd_finetune(args) -> int:
         )
     if args.eval_data and args.eval_fraction:
         raise tx.errors.ConfigError("--eval-data and --eval-fraction conflict: give one of them")
+    if args.distributed or args.coordinator or args.num_processes is not None or args.process_id is not None:
+        from tx.multihost import initialize
+
+        initialize(args.coordinator, args.num_processes, args.process_id)  # before anything uses a device
     mesh = make_mesh(args.mesh) if args.mesh else None
     cfg = tx.TrainConfig(
         steps=args.steps,

@@ -45,3 +45,20 @@ def agree(ok: bool, what: str) -> None:
 
     if not bool(multihost_utils.broadcast_one_to_all(np.asarray(ok))) and not is_writer():
         raise TxError(f"process 0 failed to {what}; its error message says why")
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None):
+    """``jax.distributed.initialize`` for ``tx finetune --distributed``: found by itself on TPU pods, SLURM,
+    Kubernetes and MPI; elsewhere give all of coordinator (``host:port`` of process 0), num_processes and
+    process_id. On CPU the processes talk through gloo."""
+    from tx.errors import ConfigError
+
+    given = [coordinator is not None, num_processes is not None, process_id is not None]
+    if any(given) and not all(given):
+        raise ConfigError("--coordinator, --num-processes and --process-id go together: give all three or none")
+    if num_processes is not None and not (num_processes >= 1 and 0 <= process_id < num_processes):
+        raise ConfigError(
+            f"--process-id must be in [0, --num-processes); got {process_id} with --num-processes {num_processes}"
+        )
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # used only when the devices are CPUs
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)

@@ -296,7 +296,12 @@ class Trainer:
         if metrics_file is not None:
             _truncate_metrics(metrics_file, start)
         bar = tqdm(
-            total=cfg.steps, initial=start, disable=not cfg.progress, desc="train", unit="step", dynamic_ncols=True
+            total=cfg.steps,
+            initial=start,
+            disable=not (cfg.progress and is_writer()),
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
         )
         t0, tokens = time.perf_counter(), 0.0
         pending = None
