@@ -105,8 +105,8 @@ def test_cli_two_processes_equal_one(tmp_path_factory, tmp_path):
     np.testing.assert_allclose(losses("multi"), losses("single"), atol=1e-5)
     # Adam moves each value by at most lr per step (2 steps at 1e-2 here) and scales the fp32 noise of a gradient
     # near zero (the two runs sum over devices in another order) up to that bound. LoRA: allow 0.5% of it. The
-    # connector's gates: 5% (at init every stream is equal, so the gradient of H_res's gate is ~0 and its first
-    # moves follow rounding; measured 1%). A shard gathered from the wrong place differs by the values (~0.1).
+    # connector: 5% (at init every stream is equal, so the gradient of H_res's gate is small and rounding is a
+    # larger share of it; measured 1%). A shard gathered from the wrong place differs by the values (~0.1).
     bound = 1e-2 * 2
     for name, share in (("adapter_model.safetensors", 5e-3), ("tx_connector.safetensors", 5e-2)):
         a, b = (SafetensorsFile(tmp_path / run / "adapter" / name) for run in ("multi", "single"))
