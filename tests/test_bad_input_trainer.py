@@ -10,7 +10,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from fixtures_run import chat_records, model_folder, write_jsonl
+from fixtures_run import chat_records, model_folder, stub_steps, write_jsonl
 
 import tx
 from tx.errors import CheckpointError, ConfigError, DataError
@@ -96,17 +96,6 @@ def model_with(folder, lora=2, connector=None, targets="all-linear"):
         connector=tx.ConnectorConfig(expansion_rate=connector) if connector else None,
     )
     return model
-
-
-def stub_steps(trainer):
-    """Replace the compiled step by a stub that only counts: fit then writes real checkpoints of the initial state."""
-
-    def step(batch):
-        trainer.step_count += 1
-        return {"loss": 1.0, "grad_norm": 0.0, "tokens": 1.0, "lr": 0.0}
-
-    trainer.step = step
-    return trainer
 
 
 def make_run(folder, tok, data, out, **setup):

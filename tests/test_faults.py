@@ -26,7 +26,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from fixtures_run import ROOT, chat_records, model_folder, run_tx, tx_env, write_jsonl
+from fixtures_run import ROOT, chat_records, model_folder, run_tx, stub_steps, tx_env, write_jsonl
 from flax import nnx
 from safetensors.numpy import load_file
 
@@ -325,19 +325,10 @@ def run_inputs(tmp_path_factory):
     return folder, data, tx.load_tokenizer(folder)
 
 
-def stub(trainer):
-    def step(batch):
-        trainer.step_count += 1
-        return {"loss": 1.0, "grad_norm": 0.0, "tokens": 1.0, "lr": 0.0}
-
-    trainer.step = step
-    return trainer
-
-
 def new_trainer(folder, out, **config):
     model = tx.attach(tx.load_model(folder), lora=tx.LoRAConfig(rank=2, alpha=4))
     cfg = TrainConfig(steps=6, batch_size=2, seq_len=32, save_every=2, progress=False, out=str(out), **config)
-    return stub(Trainer(model, cfg))
+    return stub_steps(Trainer(model, cfg))
 
 
 def test_fit_on_a_full_disk_keeps_the_last_checkpoint_and_resumes(monkeypatch, run_inputs, tmp_path):

@@ -3,7 +3,6 @@ losses and adapters equal a one-process run on 8 devices, process 0 alone writes
 run reads its checkpoint in both processes."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fixtures_models import make_checkpoint
-from fixtures_run import chat_records, write_jsonl
+from fixtures_run import ROOT, chat_records, model_folder, tx_env, write_jsonl
 from fixtures_tokenizer import make_chatml_tokenizer
 
 import tx
@@ -26,15 +25,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args, devices):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen(
-        [sys.executable, str(SCRIPT), *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+def launch(argv, devices):
+    """``python ARGV`` in a subprocess that sees ``devices`` CPU devices."""
+    env = {**tx_env(), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    cmd = [sys.executable, *map(str, argv)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
 
 
 def report(proc):
@@ -50,8 +45,8 @@ def test_two_processes_train_like_one(tmp_path):
     folder, _ = make_checkpoint("qwen3", tmp_path / "ckpt", vocab_size=tok.vocab_size)
     data = write_jsonl(tmp_path / "data.jsonl", chat_records(64))
     port = free_port()
-    procs = [launch(["multi", pid, port, folder, tmp_path / "multi", data, tmp_path / "tok"], 4) for pid in (0, 1)]
-    single = report(launch(["single", "-", "-", folder, tmp_path / "single", data, tmp_path / "tok"], 8))
+    procs = [launch([SCRIPT, "multi", i, port, folder, tmp_path / "multi", data, tmp_path / "tok"], 4) for i in (0, 1)]
+    single = report(launch([SCRIPT, "single", "-", "-", folder, tmp_path / "single", data, tmp_path / "tok"], 8))
     multi = [report(p) for p in procs]
 
     assert len(single["losses"]) == 6
@@ -75,8 +70,6 @@ def test_two_processes_train_like_one(tmp_path):
 @pytest.mark.slow
 def test_cli_two_processes_equal_one(tmp_path_factory, tmp_path):
     """``tx finetune --coordinator ... --num-processes 2 --process-id I`` on two processes = one process, same mesh."""
-    from fixtures_run import ROOT, model_folder, tx_env
-
     from tx.safetensors_io import SafetensorsFile
 
     folder = model_folder(tmp_path_factory)
@@ -85,9 +78,7 @@ def test_cli_two_processes_equal_one(tmp_path_factory, tmp_path):
     common += ["--mesh", "fsdp=4,tp=2", "--expansion-rate", 2, "--lora-rank", 4]
 
     def run(args, devices):
-        env = {**tx_env(), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-        cmd = [sys.executable, "-m", "tx", "finetune", *map(str, common + args)]
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        return launch(["-m", "tx", "finetune", *common, *args], devices)
 
     port = free_port()
     dist = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", 2]
