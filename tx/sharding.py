@@ -72,3 +72,14 @@ def shard_state(mesh, state):
         value = var[...]
         var.set_value(jax.device_put(value, sharding_for(mesh, var.get_metadata().get("axes"), value.shape)))
     return state
+
+
+def placed_like(value, like) -> jax.Array:
+    """``value`` with the sharding of ``like`` when that is on a mesh; else uncommitted, free to join any mesh.
+
+    (A copy committed to the single device ``like`` happens to live on would be refused next to mesh arrays.)
+    """
+    sharding = getattr(like, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+        return jax.device_put(value, sharding)
+    return jax.numpy.asarray(value)

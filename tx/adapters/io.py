@@ -40,6 +40,7 @@ from tx.jsonfile import read_json_object
 from tx.models.families import LINEAR_MODULES
 from tx.multihost import host_array, is_writer, sync
 from tx.safetensors_io import SafetensorsFile, atomic_write_bytes, save_tensors
+from tx.sharding import placed_like
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -266,12 +267,7 @@ def _open(folder: Path, name: str, described_by: str) -> SafetensorsFile:
 def _assign(var: nnx.Variable, value: np.ndarray) -> None:
     """Replace a variable's value, keeping its dtype and placement (sharding)."""
     old = var[...]
-    new = np.asarray(value, dtype=old.dtype)
-    sharding = getattr(old, "sharding", None)
-    # a value on a mesh keeps its sharding; any other is left uncommitted (as attach made it), so it can join a
-    # computation on a mesh (a copy committed to one device would be refused there)
-    placed = isinstance(sharding, jax.sharding.NamedSharding)
-    var.set_value(jax.device_put(new, sharding) if placed else jax.numpy.asarray(new))
+    var.set_value(placed_like(np.asarray(value, dtype=old.dtype), old))
 
 
 def _problems_error(folder: Path, file: str, problems: list[str]) -> AdapterError:

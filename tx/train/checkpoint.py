@@ -34,6 +34,7 @@ from tx.safetensors_io import (
     save_tensors,
     write_error,
 )
+from tx.sharding import placed_like
 
 FORMAT = 1
 TMP_PREFIX = ".tmp-"
@@ -153,14 +154,6 @@ def read_info(path: Path) -> dict:
     return info
 
 
-def _placed_like(value: np.ndarray, like):
-    """``value`` with the sharding of ``like`` when that is on a mesh; else uncommitted (free to join any mesh)."""
-    sharding = getattr(like, "sharding", None)
-    if isinstance(sharding, jax.sharding.NamedSharding):
-        return jax.device_put(value, sharding)
-    return jax.numpy.asarray(value)
-
-
 def load_checkpoint(path: Path, states: dict[str, nnx.State], opt_state):
     """Fill ``states`` (in place) and return (new opt_state, info) from a checkpoint folder.
 
@@ -206,8 +199,8 @@ def load_checkpoint(path: Path, states: dict[str, nnx.State], opt_state):
                 "connector options, or start a new run (another --out, or --overwrite):\n  - " + "\n  - ".join(shown)
             )
         for key, var in plan:
-            var.set_value(_placed_like(np.array(f.get(key)).astype(var[...].dtype), var[...]))
-        new = [_placed_like(np.array(f.get(f"opt:{i}")).reshape(np.shape(leaf)), leaf) for i, leaf in enumerate(leaves)]
+            var.set_value(placed_like(np.array(f.get(key)).astype(var[...].dtype), var[...]))
+        new = [placed_like(np.array(f.get(f"opt:{i}")).reshape(np.shape(leaf)), leaf) for i, leaf in enumerate(leaves)]
         return jax.tree.unflatten(treedef, new), info
     finally:
         f.close()
