@@ -29,6 +29,7 @@ from flax import nnx
 
 from tx.errors import ConfigError
 from tx.models.layers import Linear, no_transpose_fold
+from tx.models.matmul import acc32
 
 INITS = ("default", "gaussian")
 ALL_LINEAR = "all-linear"
@@ -235,8 +236,7 @@ class LoRALinear(nnx.Module):
             keep = jax.random.bernoulli(sub, 1.0 - self.dropout, h.shape)
             h = jnp.where(keep, h / (1.0 - self.dropout), jnp.zeros((), h.dtype)).astype(x.dtype)
         scale = self.scale if self.lora_mask is None else self.scale * self.lora_mask[...]
-        scale = jnp.asarray(scale, _F32).astype(x.dtype)
-        d = lora_delta(h, self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype), scale)
+        d = lora_delta(h, self.lora_a[...], self.lora_b[...], jnp.asarray(scale, _F32))
         return y + d.astype(y.dtype)
 
 
@@ -244,33 +244,38 @@ class LoRALinear(nnx.Module):
 def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
     """``scale * (x A^T) B^T``: x ``[..., in]``, a ``[r, in]``, b ``[out, r]``, scalar scale -> ``[..., out]``.
 
+    ``a``, ``b`` and ``scale`` are fp32 and cast to x's dtype for the matmuls, which accumulate in fp32
+    (:mod:`tx.models.matmul`); the gradients of ``a`` and ``b`` come out in fp32, never rounded to x's dtype.
+
     The same product as two einsums, with a hand-written backward pass: every gradient is a matmul whose large
     operand is already laid out as the matmul wants it. Left to autodiff, the gradient of ``b`` is computed as
     ``g^T d`` in b's ``[out, r]`` layout, and XLA on CPU transposes the ``[tokens, out]`` cotangent to get there,
     fusing the transpose into the preceding elementwise ops; those strided fusions cost more than the whole
     forward pass of the model on CPU.
     """
-    d = jnp.einsum("...i,ri->...r", x, a)
-    return jnp.einsum("...r,or->...o", d * scale, b)
+    return _lora_delta_fwd(x, a, b, scale)[0]
 
 
 def _lora_delta_fwd(x, a, b, scale):
-    d = jnp.einsum("...i,ri->...r", x, a)
-    return jnp.einsum("...r,or->...o", d * scale, b), (x, a, b, scale, d)
+    xt = x.reshape(-1, x.shape[-1])
+    d = acc32("ti,ri->tr", xt, a.astype(x.dtype), x.dtype)
+    y = acc32("tr,or->to", d * scale.astype(x.dtype), b.astype(x.dtype), x.dtype)
+    return y.reshape(*x.shape[:-1], y.shape[-1]), (x, a, b, scale, d)
 
 
 def _lora_delta_bwd(res, g):
     x, a, b, scale, d = res
-    xt, gt, dt = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), d.reshape(-1, d.shape[-1])
-    gd = jnp.einsum("to,or->tr", gt, b)  # [T, r]: cotangent of the unscaled d, before the scale
+    dt = x.dtype
+    xt, gt = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]).astype(dt)
+    gd = acc32("to,or->tr", gt, b.astype(dt), _F32)  # [T, r]: cotangent of the unscaled d, before the scale
     # [r, out], then a transpose of the small result; the no-op reduce_precision (to the same precision) keeps
     # XLA from folding the transpose into the matmul, which would then read the large cotangent transposed
-    gb_t = no_transpose_fold(jnp.einsum("tr,to->ro", dt * scale, gt))
-    gds = gd * scale
-    ga = jnp.einsum("tr,ti->ri", gds, xt)
-    gx = jnp.einsum("...r,ri->...i", gds.reshape(*d.shape), a)
-    gscale = jnp.sum(gd * dt).astype(scale.dtype).reshape(scale.shape)
-    return gx, ga, gb_t.T, gscale
+    gb_t = no_transpose_fold(acc32("tr,to->ro", d * scale.astype(dt), gt, _F32))
+    gds = (gd * scale).astype(dt)
+    ga = acc32("tr,ti->ri", gds, xt, _F32)
+    gx = acc32("tr,ri->ti", gds, a.astype(dt), dt)
+    gscale = jnp.sum(gd * d.astype(_F32)).astype(scale.dtype).reshape(scale.shape)
+    return gx.reshape(x.shape), ga.astype(a.dtype), gb_t.T.astype(b.dtype), gscale
 
 
 lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)

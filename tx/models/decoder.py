@@ -23,6 +23,7 @@ from flax import nnx
 
 from tx.models.config import ModelConfig
 from tx.models.layers import MLP, Attention, AttentionContext, Embed, Linear, RMSNorm, rope_inv_freq, rope_tables
+from tx.models.matmul import einsum
 
 
 class Residual(nnx.Module):
@@ -126,11 +127,14 @@ class CausalLM(nnx.Module):
         hidden, _ = self.hidden_states(input_ids, attention_mask, positions, segment_ids)
         return self.project(hidden)
 
-    def project(self, hidden: jax.Array) -> jax.Array:
-        """Final hidden states [..., C] -> logits [..., vocab] (tied or separate head)."""
+    def project(self, hidden: jax.Array, out_dtype=None) -> jax.Array:
+        """Final hidden states [..., C] -> logits [..., vocab] (tied or separate head) in ``out_dtype`` (default:
+        the hidden states' dtype; the loss asks for fp32, which costs no rounding pass over the logits)."""
         if self.lm_head is None:
-            return jnp.einsum("...c,vc->...v", hidden, self.embed.embedding[...].astype(hidden.dtype))
-        return self.lm_head(hidden)
+            h = hidden.reshape(-1, hidden.shape[-1])
+            logits = einsum("tc,vc->tv", h, self.embed.embedding[...].astype(hidden.dtype), out_dtype)
+            return logits.reshape(*hidden.shape[:-1], logits.shape[-1])
+        return self.lm_head(hidden, out_dtype)
 
     def hidden_states(self, input_ids, attention_mask=None, positions=None, segment_ids=None, cache=None):
         """Run the stack; returns (final-normed hidden [B, S, C], updated KVCache or None)."""

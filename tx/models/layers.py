@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tx.models.config import ModelConfig, RopeConfig
+from tx.models.matmul import einsum
 
 NEG_INF = -1e30  # finite, so fully masked rows (padding queries) give no NaN
 
@@ -50,10 +51,13 @@ class Linear(nnx.Module):
         self.weight = _param(rngs, (*stack, d_out, d_in), (*lead, axes[1], axes[0]), dtype)
         self.bias = _param(rngs, (*stack, d_out), (*lead, axes[1]), dtype, "zeros") if bias else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum("...i,oi->...o", x, self.weight[...].astype(x.dtype))
+    def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
+        """``out_dtype`` (default: x's) is the result's dtype; the matmul accumulates in fp32 either way."""
+        out_dtype = out_dtype or x.dtype
+        y = einsum("ti,oi->to", x.reshape(-1, x.shape[-1]), self.weight[...].astype(x.dtype), out_dtype)
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
         if self.bias is not None:
-            y = y + self.bias[...].astype(x.dtype)
+            y = y + self.bias[...].astype(out_dtype)
         return y
 
 
@@ -189,9 +193,9 @@ def attend_einsum(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     b, s, h, d = q.shape
     kh = k.shape[2]
     q = q.reshape(b, s, kh, h // kh, d)
-    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    scores = einsum("bskgd,btkd->bkgst", q, k, out_dtype=jnp.float32) / math.sqrt(d)
     probs = masked_softmax(scores, mask[:, None, None]).astype(v.dtype)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+    out = einsum("bkgst,btkd->bskgd", probs, v)
     return out.reshape(b, s, h, d)
 
 

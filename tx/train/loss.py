@@ -14,7 +14,8 @@ import jax.numpy as jnp
 def cross_entropy_sum(hidden, targets, weights, project, chunk: int = 2048):
     """Sum over tokens of weights * -log p(target), and the sum of weights.
 
-    hidden: [B, S, C]; targets: [B, S] int; weights: [B, S] (the loss mask); project: [N, C] -> [N, V].
+    hidden: [B, S, C]; targets: [B, S] int; weights: [B, S] (the loss mask); ``project(h, dtype)``: [N, C] ->
+    [N, V] logits in that dtype (fp32 here).
     """
     c = hidden.shape[-1]
     h = hidden.reshape(-1, c)
@@ -30,10 +31,7 @@ def cross_entropy_sum(hidden, targets, weights, project, chunk: int = 2048):
     k = h.shape[0] // chunk
 
     def chunk_loss(h, t, w):
-        logits = project(h).astype(jnp.float32)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        target = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-        return jnp.sum((lse - target) * w)
+        return token_losses_sum(project(h, jnp.float32), t, w)
 
     if k == 1:  # one chunk: its logits are the peak either way, so keep them instead of recomputing the projection
         total = chunk_loss(h, t, w)
@@ -47,6 +45,36 @@ def cross_entropy_sum(hidden, targets, weights, project, chunk: int = 2048):
             body, jnp.zeros((), jnp.float32), (h.reshape(k, chunk, c), t.reshape(k, chunk), w.reshape(k, chunk))
         )
     return total, jnp.sum(w)
+
+
+@jax.custom_vjp
+def token_losses_sum(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+    """``sum(weights * (logsumexp(logits) - logits[target]))`` over tokens; logits [N, V] fp32, targets [N] int.
+
+    The backward pass is one elementwise expression, ``(softmax - onehot(target)) * weight``, from the saved
+    exponentials; autodiff builds the one-hot part with a scatter, which keeps XLA from fusing it with the
+    softmax part and with the cast that a bf16 LM head's gradient matmul wants (three more passes over [N, V]).
+    """
+    return _token_losses_fwd(logits, targets, weights)[0]
+
+
+def _token_losses_fwd(logits, targets, weights):
+    peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    exp = jnp.exp(logits - peak)
+    total = jnp.sum(exp, axis=-1, keepdims=True)
+    lse = jnp.log(total) + peak
+    target = jnp.take_along_axis(logits, targets[:, None], axis=-1)
+    return jnp.sum((lse - target)[:, 0] * weights), (exp, total, targets, weights)
+
+
+def _token_losses_bwd(res, g):
+    exp, total, targets, weights = res
+    onehot = jnp.arange(exp.shape[-1], dtype=targets.dtype) == targets[:, None]
+    dlogits = (exp / total - onehot) * (weights * g)[:, None]
+    return dlogits, None, None  # targets are integers; weights (the loss mask) are data, never trained
+
+
+token_losses_sum.defvjp(_token_losses_fwd, _token_losses_bwd)
 
 
 def model_loss_sum(model, batch, chunk: int = 2048):
