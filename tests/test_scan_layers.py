@@ -3,13 +3,10 @@
 import jax
 import numpy as np
 import pytest
-from flax import nnx
+from fixtures_grads import adapter_grads, move_adapters, packed_batch
 
 import tx
-from tx.adapters.connector import ConnectorParam
-from tx.adapters.lora import LoRAParam
 from tx.generate import generate_ids
-from tx.train.loss import model_loss_sum
 from tx.train.trainer import TrainConfig, Trainer
 
 
@@ -23,42 +20,14 @@ def adapted(folder, kind="mhc"):
     return model
 
 
-def batch(vocab, rows=2, seq=16, seed=0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, vocab, size=(rows, seq + 1)).astype(np.int32)
-    segments = np.ones((rows, seq), np.int32)
-    segments[1, seq // 2 :] = 2  # two packed documents in the second row
-    segments[0, -3:] = 0  # padding
-    return {
-        "input_ids": ids[:, :-1],
-        "targets": ids[:, 1:],
-        "loss_mask": (segments > 0).astype(np.float32),
-        "segment_ids": segments,
-    }
-
-
-def adapter_grads(model, b):
-    """Gradient of the summed token loss with respect to LoRA and connector state, one jitted call."""
-    graphdef, lora, conn, rest = nnx.split(model, LoRAParam, ConnectorParam, ...)
-
-    def loss(lora, conn):
-        return model_loss_sum(nnx.merge(graphdef, lora, conn, rest, copy=True), b)[0]
-
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(lora, conn)
-
-
 @pytest.mark.parametrize("kind", ["mhc", "dynamic"])
 def test_gradients_and_train_steps_match_scanned(checkpoints, kind):
     folder, ref = checkpoints["qwen3"]
-    b = batch(ref.config.vocab_size)
+    b = packed_batch(ref.config.vocab_size)
     grads, losses = [], []
     for scan in (True, False):
         model = adapted(folder, kind)
-        # move the adapters off their init (B = 0, gates = 0) so every gradient path is exercised
-        for path, v in nnx.iter_graph(model):
-            if isinstance(v, (LoRAParam, ConnectorParam)):
-                key = jax.random.key(abs(hash(path)) % 2**31)
-                v.set_value(v[...] + 0.05 * jax.random.normal(key, v.shape, v.dtype))
+        move_adapters(model)
         model.scan_layers = scan
         grads.append(adapter_grads(model, b))
         trainer = Trainer(
