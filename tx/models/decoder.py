@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tx.models import layer_scan
 from tx.models.config import ModelConfig
 from tx.models.layers import MLP, Attention, AttentionContext, Embed, Linear, RMSNorm, rope_inv_freq, rope_tables
 from tx.models.matmul import einsum
@@ -131,9 +132,8 @@ class CausalLM(nnx.Module):
         """Final hidden states [..., C] -> logits [..., vocab] (tied or separate head) in ``out_dtype`` (default:
         the hidden states' dtype; the loss asks for fp32, which costs no rounding pass over the logits)."""
         if self.lm_head is None:
-            h = hidden.reshape(-1, hidden.shape[-1])
-            logits = einsum("tc,vc->tv", h, self.embed.embedding[...].astype(hidden.dtype), out_dtype)
-            return logits.reshape(*hidden.shape[:-1], logits.shape[-1])
+            lead = "abcdefgh"[: hidden.ndim - 1]
+            return einsum(f"{lead}c,vc->{lead}v", hidden, self.embed.embedding[...].astype(hidden.dtype), out_dtype)
         return self.lm_head(hidden, out_dtype)
 
     def hidden_states(self, input_ids, attention_mask=None, positions=None, segment_ids=None, cache=None):
@@ -171,6 +171,18 @@ class CausalLM(nnx.Module):
         if self.remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
         kv = None if cache is None else (cache.k, cache.v)
+        if self.scan_layers and cache is None and not nnx.state(self.layers, nnx.RngState):
+            # training and scoring: the scan with a written-out backward pass (see tx.models.layer_scan)
+            graphdef, frozen, trained = nnx.split(self.layers, nnx.Param, ...)
+
+            def step(x, frozen, trained, ctx):
+                return nnx.merge(graphdef, frozen, trained)(x, ctx)[0]
+
+            if self.remat:
+                step = jax.checkpoint(step, policy=jax.checkpoint_policies.nothing_saveable)
+            x = layer_scan.scan(step, x, frozen, trained, ctx)
+            hidden = self.norm(self.streams.reduce(x))
+            return hidden, None
         if self.scan_layers:
             x, (kv, rng_state) = jax.lax.scan(body, x, (state, kv))
         else:

@@ -54,8 +54,8 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
         """``out_dtype`` (default: x's) is the result's dtype; the matmul accumulates in fp32 either way."""
         out_dtype = out_dtype or x.dtype
-        y = einsum("ti,oi->to", x.reshape(-1, x.shape[-1]), self.weight[...].astype(x.dtype), out_dtype)
-        y = y.reshape(*x.shape[:-1], y.shape[-1])
+        lead = "abcdefgh"[: x.ndim - 1]  # x itself, not a reshaped copy, is what the backward pass keeps
+        y = einsum(f"{lead}i,oi->{lead}o", x, self.weight[...].astype(x.dtype), out_dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(out_dtype)
         return y

@@ -1,0 +1,76 @@
+"""tx.models.layer_scan.scan: the layer scan with a written-out backward pass, against jax.lax.scan's own autodiff."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tx.models import layer_scan
+
+L, T, C = 3, 6, 8
+
+
+def step(x, weights, trained, consts):
+    """A small layer with a bf16-able weight, an fp32 adapter, a shared table and a boolean mask."""
+    h = jnp.tanh(jnp.einsum("ti,oi->to", x, weights["w"]) + consts["bias"].astype(x.dtype))
+    h = jnp.where(consts["mask"][:, None], h, 0.0)
+    # the adapter in fp32, as LoRA's are
+    delta = jnp.einsum("ti,oi->to", h.astype(jnp.float32), trained["a"]) * trained["s"]
+    return x + delta.astype(x.dtype) + jnp.sin(h * weights["g"])
+
+
+def inputs(dtype):
+    k = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(k[0], (T, C)).astype(dtype)
+    weights = {"w": (0.3 * jax.random.normal(k[1], (L, C, C))).astype(dtype), "g": jnp.ones((L, C), dtype)}
+    trained = {"a": 0.3 * jax.random.normal(k[2], (L, C, C)), "s": jnp.arange(1.0, L + 1.0)}
+    consts = {"bias": jax.random.normal(k[3], (C,)), "mask": jnp.arange(T) % 3 != 1}
+    return x, weights, trained, consts
+
+
+def loss_with(scan_fn, dtype):
+    x, weights, trained, consts = inputs(dtype)
+
+    def loss(x, weights, trained):  # the base weights too: a model may be trained in full (recipes do)
+        return jnp.sum(jnp.cos(scan_fn(x, weights, trained, consts).astype(jnp.float32)))
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, weights, trained)
+
+
+def lax_scan(x, weights, trained, consts):
+    return jax.lax.scan(lambda x, xs: (step(x, xs[0], xs[1], consts), None), x, (weights, trained))[0]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_value_and_gradients_equal_lax_scan(dtype):
+    got = loss_with(lambda *a: layer_scan.scan(step, *a), dtype)
+    want = loss_with(lax_scan, dtype)
+    # the same operations on the same values in a different program: equal up to XLA's fp32 reassociation (and,
+    # in bf16, the rounding of that difference once)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+    for grads in got[1][1:]:  # neither the weights' nor the adapter's gradients are trivially zero
+        assert all(np.abs(np.asarray(g, np.float32)).max() > 1e-3 for g in jax.tree.leaves(grads))
+
+
+def test_weights_are_resliced_and_bf16_residuals_stored_as_bits():
+    x, weights, trained, consts = inputs(jnp.bfloat16)
+    _, res = layer_scan._fwd(step, x, weights, trained, consts)
+    saved = res[4]
+    assert saved, "the layer input at least must be stored"
+    # nothing of the weight's or the adapter's shape is stored: the backward pass slices them again
+    assert all(s.shape[1:] != (C, C) for s in saved), [s.shape for s in saved]
+    # bf16 residuals (the layer input x among them) are kept as uint16 bits; no bf16 stack remains
+    assert any(s.dtype == jnp.uint16 and s.shape == (L, T, C) for s in saved)
+    assert all(s.dtype != jnp.bfloat16 for s in saved)
+    assert all(s.shape[0] == L for s in saved)
+
+
+def test_without_differentiation_it_is_the_plain_scan():
+    x, weights, trained, consts = inputs(jnp.float32)
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(lambda *a: layer_scan.scan(step, *a))(x, weights, trained, consts)),
+        np.asarray(jax.jit(lax_scan)(x, weights, trained, consts)),
+    )

@@ -1,0 +1,112 @@
+"""The layer scan with its backward pass written out: residuals kept as raw bits, weights re-sliced, not stored.
+
+``jax.lax.scan``'s own autodiff stores every residual of every layer in a ``[layers, ...]`` array. On XLA:CPU that
+costs twice for bf16 models: dynamic slices and updates of 16-bit floats go through fp32, so each layer's write
+into a stacked bf16 residual converts and rewrites the whole stack, and reading a layer's bf16 weights out of
+their stack first converts every layer's weights (measured: a bf16 LoRA step 0.33 s scanned vs 0.26 s unrolled).
+
+:func:`scan` runs ``jax.vjp`` of one layer inside a forward scan and keeps the pullback's residuals, bf16 / fp16
+ones as uint16 bits. Residuals that are the layer's own weights or the shared constants are not stored: the
+backward scan slices them again from the inputs. The weights are sliced as uint16 bits too.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+_LOW = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def to_bits(leaves: list) -> list:
+    """bf16 / fp16 arrays bit-cast to uint16; other leaves unchanged."""
+    return [jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype in _LOW else a for a in leaves]
+
+
+def from_bits(leaves: list, dtypes: list) -> list:
+    """Undo :func:`to_bits`, given the original dtypes."""
+    return [jax.lax.bitcast_convert_type(a, d) if d in _LOW else a for a, d in zip(leaves, dtypes)]
+
+
+class _Plan:
+    """Static description of one layer's pullback (hashable by identity): its tree and where each residual is."""
+
+    def __init__(self, tree, where, dtypes):
+        self.tree, self.where, self.dtypes = tree, where, dtypes
+
+
+jax.tree_util.register_pytree_node(_Plan, lambda p: ((), p), lambda p, _: p)
+
+
+def scan(step: Callable, x: jax.Array, weights: Any, trained: Any, consts: Any) -> jax.Array:
+    """``x <- step(x, weights[i], trained[i], consts)`` for every layer ``i``; returns the last ``x``.
+
+    ``weights`` (the base weights, nnx.Param) and ``trained`` (adapters) are pytrees of ``[layers, ...]``
+    arrays; ``consts`` is shared by every layer.
+    Gradients flow to ``x``, ``weights`` and ``trained``; ``consts`` (rotary tables, mask: derived from integer
+    positions) get none. Without differentiation this is ``jax.lax.scan``.
+    """
+    return _scan(step, x, weights, trained, consts)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scan(step, x, weights, trained, consts):
+    def body(x, xs):
+        return step(x, xs[0], xs[1], consts), None
+
+    return jax.lax.scan(body, x, (weights, trained))[0]
+
+
+def _fwd(step, x, weights, trained, consts):
+    f_leaves, f_tree = jax.tree.flatten(weights)
+    f_dtypes = [a.dtype for a in f_leaves]
+    plans = []
+
+    def body(x, xs):
+        f_bits, t = xs
+        f = jax.tree.unflatten(f_tree, from_bits(f_bits, f_dtypes))
+        y, pullback = jax.vjp(lambda x, f, t: step(x, f, t, consts), x, f, t)
+        res, tree = jax.tree.flatten(pullback)
+        known = {}
+        for name, tree_ in (("f", f), ("t", t), ("c", consts)):
+            for k, leaf in enumerate(jax.tree.leaves(tree_)):
+                known.setdefault(id(leaf), (name, k))
+        where, saved = [], []
+        for r in res:
+            if id(r) not in known:  # stored once, however many times the pullback refers to it
+                known[id(r)] = ("s", len(saved))
+                saved.append(r)
+            where.append(known[id(r)])
+        plans.append(_Plan(tree, where, [r.dtype for r in saved]))
+        return y, to_bits(saved)
+
+    y, saved = jax.lax.scan(body, x, (to_bits(f_leaves), trained))
+    return y, (to_bits(f_leaves), _Plan(f_tree, None, f_dtypes), trained, consts, saved, plans[-1])
+
+
+def _bwd(step, res, g):
+    f_bits, f_plan, trained, consts, saved, plan = res
+
+    def body(g, xs):
+        f_bits_i, t, saved_i = xs
+        known = {
+            "f": from_bits(f_bits_i, f_plan.dtypes),
+            "t": jax.tree.leaves(t),
+            "c": jax.tree.leaves(consts),
+            "s": from_bits(saved_i, plan.dtypes),
+        }
+        pullback = jax.tree.unflatten(plan.tree, [known[name][k] for name, k in plan.where])
+        gx, gf, gt = pullback(g)
+        return gx, (gf, gt)
+
+    # The weights' gradients are computed too (a model can be differentiated in its base weights); when
+    # nothing uses them, as in LoRA training, XLA removes them from the loop.
+    gx, (gf, gt) = jax.lax.scan(body, g, (f_bits, trained, saved), reverse=True)
+    return gx, gf, gt, None
+
+
+_scan.defvjp(_fwd, _bwd)
