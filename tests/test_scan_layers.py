@@ -10,23 +10,25 @@ from tx.generate import generate_ids
 from tx.train.trainer import TrainConfig, Trainer
 
 
-def adapted(folder, kind="mhc"):
+def adapted(folder, kind="mhc", dropout=0.1):
     model = tx.load_model(folder)
     tx.attach(
         model,
-        lora=tx.LoRAConfig(rank=4, alpha=8, dropout=0.1, seed=1),
+        lora=tx.LoRAConfig(rank=4, alpha=8, dropout=dropout, seed=1),
         connector=tx.ConnectorConfig(expansion_rate=2, kind=kind),
     )
     return model
 
 
-@pytest.mark.parametrize("kind", ["mhc", "dynamic"])
-def test_gradients_and_train_steps_match_scanned(checkpoints, kind):
+# With LoRA dropout the scan is jax.lax.scan (its random state advances per layer); without, the scan with the
+# written-out backward pass of tx.models.layer_scan. Both are compared with the unrolled layers' plain autodiff.
+@pytest.mark.parametrize(("kind", "dropout"), [("mhc", 0.1), ("dynamic", 0.1), ("mhc", 0.0)])
+def test_gradients_and_train_steps_match_scanned(checkpoints, kind, dropout):
     folder, ref = checkpoints["qwen3"]
     b = packed_batch(ref.config.vocab_size)
     grads, losses = [], []
     for scan in (True, False):
-        model = adapted(folder, kind)
+        model = adapted(folder, kind, dropout)
         move_adapters(model)
         model.scan_layers = scan
         grads.append(adapter_grads(model, b))
@@ -58,3 +60,21 @@ def test_logits_and_generation_match_scanned(checkpoints):
     model.scan_layers = False
     np.testing.assert_allclose(np.asarray(model(ids)), scanned, atol=1e-5)
     assert generate_ids(model, prompts, 6) == want
+
+
+def test_remat_gives_the_same_gradients(checkpoints):
+    # TrainConfig(remat=True): each layer recomputed in the backward pass, inside the written-out layer scan
+    folder, ref = checkpoints["qwen3"]
+    b = packed_batch(ref.config.vocab_size)
+    out = []
+    for remat in (False, True):
+        model = tx.load_model(folder)
+        tx.attach(model, lora=tx.LoRAConfig(rank=4, alpha=8, seed=1), connector=tx.ConnectorConfig(expansion_rate=2))
+        move_adapters(model)
+        model.remat = remat
+        out.append(adapter_grads(model, b))
+    (loss_a, g_a), (loss_b, g_b) = out
+    assert abs(float(loss_a) - float(loss_b)) < 1e-5 * abs(float(loss_a))
+    atol = 3e-6 * max(float(np.abs(a).max()) for a in jax.tree.leaves(g_a))  # as in the test above
+    for a, c in zip(jax.tree.leaves(g_a), jax.tree.leaves(g_b), strict=True):
+        np.testing.assert_allclose(np.asarray(c), np.asarray(a), rtol=1e-4, atol=atol)
