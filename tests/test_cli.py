@@ -15,6 +15,8 @@ import sys
 import pytest
 from fixtures_run import ROOT, chat_records, model_folder, run_tx, run_tx_batch, tx_env, write_jsonl
 
+import tx.cli
+
 HELP = {
     (): ["demo", "verify", "finetune", "generate", "eval", "merge", "tx COMMAND --help"],
     ("finetune",): [
@@ -339,3 +341,10 @@ def test_merge_refuses_a_connector_adapter(e2e):
     err = proc.stderr.strip()
     assert "Traceback" not in err and "cannot save a model with a connector" in err
     assert not e2e[2].exists()
+
+
+def test_final_train_loss_skips_steps_without_loss_tokens():
+    # a batch of prompts only (documents longer than a row, split by packing) has loss 0 and 0 loss tokens
+    history = [{"step": 1, "loss": 7.0, "loss_tokens": 32.0}, {"step": 2, "loss": 0.0, "loss_tokens": 0.0}]
+    assert tx.cli.final_train_loss(history) == 7.0
+    assert tx.cli.final_train_loss([{"step": 1, "loss": 0.0, "loss_tokens": 0.0}]) is None

@@ -21,13 +21,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+def final_train_loss(history: list[dict]) -> float | None:
+    """The loss of the last step that had loss tokens (a batch can hold only prompts: its loss is 0 by
+    definition and says nothing about training)."""
+    losses = [h["loss"] for h in history if "loss" in h and h.get("loss_tokens", 1) > 0]
+    return losses[-1] if losses else None
+
+
 def _model_args(p, adapter=True):
     p.add_argument("--model", required=True, metavar="MODEL", help="checkpoint folder or hub id")
     p.add_argument(
         "--dtype",
         default="float32",
         choices=["float32", "bfloat16", "float16"],
-        help="parameter and compute dtype (default: float32)",
+        help="dtype of the base weights and activations (default: float32); adapters stay float32. bfloat16 is "
+        "the fast path on GPU/TPU and on CPUs with AMX / AVX512-BF16",
     )
     if adapter:
         p.add_argument("--adapter", metavar="DIR", help="adapter folder written by tx or PEFT")
@@ -253,9 +261,9 @@ def cmd_finetune(args) -> int:
     tx.attach(model, lora=lora, connector=conn)
     print(tx.trainable_parameters(model))
     result = tx.Trainer(model, cfg, mesh=mesh).fit(args.data, args.eval_data, tokenizer=tok)
-    losses = [h["loss"] for h in result["history"] if "loss" in h]
-    if losses:
-        print(f"final train loss {losses[-1]:.4f}")
+    final = final_train_loss(result["history"])
+    if final is not None:
+        print(f"final train loss {final:.4f}")
     if "eval_loss" in result:
         print(f"eval loss {result['eval_loss']:.4f}")
     print(f"adapter saved to {Path(args.out) / 'adapter'}; metrics in {Path(args.out) / 'metrics.jsonl'}")
