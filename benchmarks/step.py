@@ -21,6 +21,7 @@ the 2-core test machine; none to ~11k when kept). ``--plain-malloc`` leaves glib
 ``page_faults_per_step`` reports it either way.
 
 Usage: python benchmarks/step.py [--steps 6] [--configs lora,mhc4,lora+unrolled,mhc4+unrolled] [--plain-malloc]
+       [--dtype bfloat16]  (the matmul peak is then measured in bf16 with fp32 accumulation, like the step)
        [--no-scan-layers]
        [--hidden 512 --layers 8 ...]
 """
