@@ -74,3 +74,20 @@ def test_without_differentiation_it_is_the_plain_scan():
         np.asarray(jax.jit(lambda *a: layer_scan.scan(step, *a))(x, weights, trained, consts)),
         np.asarray(jax.jit(lax_scan)(x, weights, trained, consts)),
     )
+
+
+def test_scan_as_bits_equals_lax_scan_bit_for_bit():
+    # decoding's scan: bf16 weights and cache cross the loop as uint16 bits; the values are untouched
+    x, weights, trained, consts = inputs(jnp.bfloat16)
+    cache = jnp.zeros((L, T, C), jnp.bfloat16)
+
+    def body(x, xs):
+        w, t, c = xs
+        y = step(x, w, t, consts)
+        return y, (c.at[:, :].add(y), y.astype(jnp.float32))
+
+    got = jax.jit(lambda *a: layer_scan.scan_as_bits(body, *a))(x, (weights, trained, cache))
+    want = jax.jit(lambda *a: jax.lax.scan(body, *a))(x, (weights, trained, cache))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))

@@ -186,7 +186,11 @@ class CausalLM(nnx.Module):
             x = layer_scan.scan(step, x, frozen, trained, ctx)
             hidden = self.norm(self.streams.reduce(x))
             return hidden, None
-        if self.scan_layers:
+        if self.scan_layers and cache is not None:
+            # decoding: weights and the KV cache cross the scan as uint16 bits, as XLA:CPU would move bf16
+            # slices and updates through fp32, converting the whole cache on every token (see layer_scan)
+            x, (kv, rng_state) = layer_scan.scan_as_bits(body, x, (state, kv))
+        elif self.scan_layers:
             x, (kv, rng_state) = jax.lax.scan(body, x, (state, kv))
         else:
             outs = []

@@ -32,6 +32,26 @@ def from_bits(leaves: list, dtypes: list) -> list:
     return [jax.lax.bitcast_convert_type(a, d) if d in _LOW else a for a, d in zip(leaves, dtypes)]
 
 
+def scan_as_bits(body: Callable, carry: Any, xs: Any) -> tuple[Any, Any]:
+    """``jax.lax.scan(body, carry, xs)`` with xs and ys crossing the loop as bits (bf16 / fp16 -> uint16).
+
+    For scans that are not differentiated (bit casts have no derivative), such as decoding with a KV cache.
+    """
+    leaves, tree = jax.tree.flatten(xs)
+    dtypes = [a.dtype for a in leaves]
+    out_dtypes = []
+
+    def bits_body(carry, xs_bits):
+        carry, ys = body(carry, jax.tree.unflatten(tree, from_bits(jax.tree.leaves(xs_bits), dtypes)))
+        y_leaves, y_tree = jax.tree.flatten(ys)
+        out_dtypes[:] = [(y_tree, [a.dtype for a in y_leaves])]
+        return carry, jax.tree.unflatten(y_tree, to_bits(y_leaves))
+
+    carry, ys_bits = jax.lax.scan(bits_body, carry, jax.tree.unflatten(tree, to_bits(leaves)))
+    y_tree, y_dtypes = out_dtypes[0]
+    return carry, jax.tree.unflatten(y_tree, from_bits(jax.tree.leaves(ys_bits), y_dtypes))
+
+
 class _Plan:
     """Static description of one layer's pullback (hashable by identity): its tree and where each residual is."""
 
