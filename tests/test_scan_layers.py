@@ -20,8 +20,8 @@ def adapted(folder, kind="mhc", dropout=0.1):
     return model
 
 
-# With LoRA dropout the scan is jax.lax.scan (its random state advances per layer); without, the scan with the
-# written-out backward pass of tx.models.layer_scan. Both are compared with the unrolled layers' plain autodiff.
+# The scan (tx.models.layer_scan: a written-out backward pass; with dropout, its keys advance per layer) against
+# the unrolled layers' plain autodiff.
 @pytest.mark.parametrize(("kind", "dropout"), [("mhc", 0.1), ("dynamic", 0.1), ("mhc", 0.0)])
 def test_gradients_and_train_steps_match_scanned(checkpoints, kind, dropout):
     folder, ref = checkpoints["qwen3"]

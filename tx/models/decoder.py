@@ -8,9 +8,9 @@ The plain residual is ``x + f(x)``. Adapters (tx.adapters) swap these modules fo
 model's ``streams`` edges for expand / reduce; the model code does not know about them.
 
 ``model.scan_layers`` (default True) picks how the stacked layers run. The scan compiles one layer whatever
-the depth; without a KV cache and without random state (LoRA dropout) it is :func:`tx.models.layer_scan.scan`,
-whose backward pass stores each layer's residuals itself (bf16 ones as raw bits: XLA:CPU would move them
-through fp32). Unrolled (False), compilation grows with the depth but a train step on CPU is ~7% (fp32) to
+the depth. Without a KV cache it is :func:`tx.models.layer_scan.scan`, whose backward pass stores each layer's
+residuals itself (bf16 ones as raw bits: XLA:CPU would move them through fp32); decoding moves the weights and
+the cache as bits too. Unrolled (False), compilation grows with the depth but a train step on CPU is ~7% (fp32) to
 ~12% (bf16) faster at 8 layers: a scan writes every saved activation into [layers, ...] buffers and slices
 each layer's weights out with dynamic slices (see ``benchmarks/step.py``, ``lora+unrolled``). All compute the
 same.
@@ -174,18 +174,19 @@ class CausalLM(nnx.Module):
         if self.remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
         kv = None if cache is None else (cache.k, cache.v)
-        if self.scan_layers and cache is None and not nnx.state(self.layers, nnx.RngState):
+        if self.scan_layers and cache is None:
             # training and scoring: the scan with a written-out backward pass (see tx.models.layer_scan)
             graphdef, frozen, trained = nnx.split(self.layers, nnx.Param, ...)
 
             def step(x, frozen, trained, ctx):
-                return nnx.merge(graphdef, frozen, trained)(x, ctx)[0]
+                layer = nnx.merge(graphdef, frozen, trained)
+                return layer(x, ctx)[0], nnx.state(layer, nnx.RngState)  # random state it advanced
 
             if self.remat:
                 step = jax.checkpoint(step, policy=jax.checkpoint_policies.nothing_saveable)
-            x = layer_scan.scan(step, x, frozen, trained, ctx)
-            hidden = self.norm(self.streams.reduce(x))
-            return hidden, None
+            x, rng_state = layer_scan.scan(step, x, frozen, trained, ctx)
+            nnx.update(self.layers, rng_state)
+            return self.norm(self.streams.reduce(x)), None
         if self.scan_layers and cache is not None:
             # decoding: weights and the KV cache cross the scan as uint16 bits, as XLA:CPU would move bf16
             # slices and updates through fp32, converting the whole cache on every token (see layer_scan)

@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _LOW = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -62,13 +63,14 @@ class _Plan:
 jax.tree_util.register_pytree_node(_Plan, lambda p: ((), p), lambda p, _: p)
 
 
-def scan(step: Callable, x: jax.Array, weights: Any, trained: Any, consts: Any) -> jax.Array:
-    """``x <- step(x, weights[i], trained[i], consts)`` for every layer ``i``; returns the last ``x``.
+def scan(step: Callable, x: jax.Array, weights: Any, trained: Any, consts: Any) -> tuple[jax.Array, Any]:
+    """``x, aux[i] = step(x, weights[i], trained[i], consts)`` for every layer ``i``; returns (last x, aux stacked).
 
-    ``weights`` (the base weights, nnx.Param) and ``trained`` (adapters) are pytrees of ``[layers, ...]``
-    arrays; ``consts`` is shared by every layer.
-    Gradients flow to ``x``, ``weights`` and ``trained``; ``consts`` (rotary tables, mask: derived from integer
-    positions) get none. Without differentiation this is ``jax.lax.scan``.
+    ``weights`` (the base weights, nnx.Param) and ``trained`` (adapters, and random state such as LoRA dropout
+    keys) are pytrees of ``[layers, ...]`` arrays; ``consts`` is shared by every layer; ``aux`` is anything the
+    layer reports that is not differentiated (the advanced random state). Gradients flow to ``x``, ``weights``
+    and the floating-point leaves of ``trained``; ``consts`` (rotary tables, mask: derived from integer positions)
+    get none. Without differentiation this is ``jax.lax.scan``.
     """
     return _scan(step, x, weights, trained, consts)
 
@@ -76,24 +78,38 @@ def scan(step: Callable, x: jax.Array, weights: Any, trained: Any, consts: Any) 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _scan(step, x, weights, trained, consts):
     def body(x, xs):
-        return step(x, xs[0], xs[1], consts), None
+        return step(x, xs[0], xs[1], consts)
 
-    return jax.lax.scan(body, x, (weights, trained))[0]
+    return jax.lax.scan(body, x, (weights, trained))
+
+
+def _is_float(a) -> bool:
+    return jnp.issubdtype(a.dtype, jnp.inexact)
 
 
 def _fwd(step, x, weights, trained, consts):
     f_leaves, f_tree = jax.tree.flatten(weights)
     f_dtypes = [a.dtype for a in f_leaves]
+    t_leaves, t_tree = jax.tree.flatten(trained)
+    t_float = [_is_float(a) for a in t_leaves]
     plans = []
 
     def body(x, xs):
-        f_bits, t = xs
-        f = jax.tree.unflatten(f_tree, from_bits(f_bits, f_dtypes))
-        y, pullback = jax.vjp(lambda x, f, t: step(x, f, t, consts), x, f, t)
+        f_bits, t_all = xs
+        f = from_bits(f_bits, f_dtypes)
+        t_diff = [a for a, d in zip(t_all, t_float) if d]
+        t_fixed = [a for a, d in zip(t_all, t_float) if not d]  # random keys: inputs, never differentiated
+
+        def layer(x, f, t_diff):
+            it_diff, it_fixed = iter(t_diff), iter(t_fixed)
+            t = [next(it_diff) if d else next(it_fixed) for d in t_float]
+            return step(x, jax.tree.unflatten(f_tree, f), jax.tree.unflatten(t_tree, t), consts)
+
+        y, pullback, aux = jax.vjp(layer, x, f, t_diff, has_aux=True)
         res, tree = jax.tree.flatten(pullback)
         known = {}
-        for name, tree_ in (("f", f), ("t", t), ("c", consts)):
-            for k, leaf in enumerate(jax.tree.leaves(tree_)):
+        for name, leaves in (("f", f), ("t", t_all), ("c", jax.tree.leaves(consts))):
+            for k, leaf in enumerate(leaves):
                 known.setdefault(id(leaf), (name, k))
         where, saved = [], []
         for r in res:
@@ -102,20 +118,30 @@ def _fwd(step, x, weights, trained, consts):
                 saved.append(r)
             where.append(known[id(r)])
         plans.append(_Plan(tree, where, [r.dtype for r in saved]))
-        return y, to_bits(saved)
+        return y, (to_bits(saved), aux)
 
-    y, saved = jax.lax.scan(body, x, (to_bits(f_leaves), trained))
-    return y, (to_bits(f_leaves), _Plan(f_tree, None, f_dtypes), trained, consts, saved, plans[-1])
+    y, (saved, aux) = jax.lax.scan(body, x, (to_bits(f_leaves), t_leaves))
+    plan = plans[-1]
+    return (y, aux), (
+        to_bits(f_leaves),
+        _Plan(f_tree, None, f_dtypes),
+        t_leaves,
+        _Plan(t_tree, None, t_float),
+        consts,
+        saved,
+        plan,
+    )
 
 
 def _bwd(step, res, g):
-    f_bits, f_plan, trained, consts, saved, plan = res
+    f_bits, f_plan, t_leaves, t_plan, consts, saved, plan = res
+    g = g[0]  # the aux outputs (random state) have no cotangent that matters
 
     def body(g, xs):
-        f_bits_i, t, saved_i = xs
+        f_bits_i, t_i, saved_i = xs
         known = {
             "f": from_bits(f_bits_i, f_plan.dtypes),
-            "t": jax.tree.leaves(t),
+            "t": t_i,
             "c": jax.tree.leaves(consts),
             "s": from_bits(saved_i, plan.dtypes),
         }
@@ -125,8 +151,10 @@ def _bwd(step, res, g):
 
     # The weights' gradients are computed too (a model can be differentiated in its base weights); when
     # nothing uses them, as in LoRA training, XLA removes them from the loop.
-    gx, (gf, gt) = jax.lax.scan(body, g, (f_bits, trained, saved), reverse=True)
-    return gx, gf, gt, None
+    gx, (gf, gt_diff) = jax.lax.scan(body, g, (f_bits, t_leaves, saved), reverse=True)
+    it = iter(gt_diff)
+    gt = [next(it) if d else np.zeros(a.shape, jax.dtypes.float0) for a, d in zip(t_leaves, t_plan.dtypes)]
+    return gx, jax.tree.unflatten(f_plan.tree, gf), jax.tree.unflatten(t_plan.tree, gt), None
 
 
 _scan.defvjp(_fwd, _bwd)
