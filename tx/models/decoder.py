@@ -187,12 +187,10 @@ class CausalLM(nnx.Module):
             x, rng_state = layer_scan.scan(step, x, frozen, trained, ctx)
             nnx.update(self.layers, rng_state)
             return self.norm(self.streams.reduce(x)), None
-        if self.scan_layers and cache is not None:
+        if self.scan_layers:
             # decoding: weights and the KV cache cross the scan as uint16 bits, as XLA:CPU would move bf16
             # slices and updates through fp32, converting the whole cache on every token (see layer_scan)
             x, (kv, rng_state) = layer_scan.scan_as_bits(body, x, (state, kv))
-        elif self.scan_layers:
-            x, (kv, rng_state) = jax.lax.scan(body, x, (state, kv))
         else:
             outs = []
             for i in range(self.config.num_layers):
