@@ -163,17 +163,6 @@ class CausalLM(nnx.Module):
             ctx = AttentionContext(cos, sin, mask, cache.index)
 
         x = self.streams.expand(self.embed(input_ids).astype(self.dtype))
-        graphdef, state = nnx.split(self.layers)
-
-        def body(x, xs):
-            layer_state, kv = xs
-            layer = nnx.merge(graphdef, layer_state)
-            x, kv = layer(x, ctx, kv)
-            return x, (kv, nnx.state(layer, nnx.RngState))  # random state a layer advanced (e.g. LoRA dropout)
-
-        if self.remat:
-            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-        kv = None if cache is None else (cache.k, cache.v)
         if self.scan_layers and cache is None:
             # training and scoring: the scan with a written-out backward pass (see tx.models.layer_scan)
             graphdef, frozen, trained = nnx.split(self.layers, nnx.Param, ...)
@@ -187,6 +176,17 @@ class CausalLM(nnx.Module):
             x, rng_state = layer_scan.scan(step, x, frozen, trained, ctx)
             nnx.update(self.layers, rng_state)
             return self.norm(self.streams.reduce(x)), None
+        graphdef, state = nnx.split(self.layers)
+
+        def body(x, xs):
+            layer_state, kv = xs
+            layer = nnx.merge(graphdef, layer_state)
+            x, kv = layer(x, ctx, kv)
+            return x, (kv, nnx.state(layer, nnx.RngState))  # random state a layer advanced (e.g. LoRA dropout)
+
+        if self.remat:
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        kv = None if cache is None else (cache.k, cache.v)
         if self.scan_layers:
             # decoding: weights and the KV cache cross the scan as uint16 bits, as XLA:CPU would move bf16
             # slices and updates through fp32, converting the whole cache on every token (see layer_scan)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_LOW = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+from tx.models.matmul import LOW_PRECISION as _LOW
 
 
 def to_bits(leaves: list) -> list:
@@ -54,10 +54,16 @@ def scan_as_bits(body: Callable, carry: Any, xs: Any) -> tuple[Any, Any]:
 
 
 class _Plan:
-    """Static description of one layer's pullback (hashable by identity): its tree and where each residual is."""
+    """What the backward pass needs to know statically (a pytree node without leaves, equal only to itself).
 
-    def __init__(self, tree, where, dtypes):
-        self.tree, self.where, self.dtypes = tree, where, dtypes
+    ``f_tree`` / ``f_dtypes``: the weights' tree and leaf dtypes; ``t_tree`` / ``t_float``: the trained tree and
+    which leaves are floating point (the others, random keys, are not differentiated); ``tree``: one layer's
+    pullback; ``where``: for each of its residuals, ``(group, index)`` in the weights ``f``, the trained leaves
+    ``t``, the constants ``c`` or the stored residuals ``s``; ``s_dtypes``: the stored residuals' dtypes.
+    """
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
 
 
 jax.tree_util.register_pytree_node(_Plan, lambda p: ((), p), lambda p, _: p)
@@ -89,61 +95,53 @@ def _is_float(a) -> bool:
 
 def _fwd(step, x, weights, trained, consts):
     f_leaves, f_tree = jax.tree.flatten(weights)
-    f_dtypes = [a.dtype for a in f_leaves]
     t_leaves, t_tree = jax.tree.flatten(trained)
-    t_float = [_is_float(a) for a in t_leaves]
-    plans = []
+    plan = _Plan(
+        f_tree=f_tree, f_dtypes=[a.dtype for a in f_leaves], t_tree=t_tree, t_float=[_is_float(a) for a in t_leaves]
+    )
 
     def body(x, xs):
         f_bits, t_all = xs
-        f = from_bits(f_bits, f_dtypes)
-        t_diff = [a for a, d in zip(t_all, t_float) if d]
-        t_fixed = [a for a, d in zip(t_all, t_float) if not d]  # random keys: inputs, never differentiated
+        f = from_bits(f_bits, plan.f_dtypes)
+        t_diff = [a for a, d in zip(t_all, plan.t_float) if d]
+        t_fixed = [a for a, d in zip(t_all, plan.t_float) if not d]  # random keys: inputs, never differentiated
 
         def layer(x, f, t_diff):
             it_diff, it_fixed = iter(t_diff), iter(t_fixed)
-            t = [next(it_diff) if d else next(it_fixed) for d in t_float]
+            t = [next(it_diff) if d else next(it_fixed) for d in plan.t_float]
             return step(x, jax.tree.unflatten(f_tree, f), jax.tree.unflatten(t_tree, t), consts)
 
         y, pullback, aux = jax.vjp(layer, x, f, t_diff, has_aux=True)
-        res, tree = jax.tree.flatten(pullback)
+        res, plan.tree = jax.tree.flatten(pullback)
         known = {}
         for name, leaves in (("f", f), ("t", t_all), ("c", jax.tree.leaves(consts))):
             for k, leaf in enumerate(leaves):
                 known.setdefault(id(leaf), (name, k))
-        where, saved = [], []
+        plan.where, saved = [], []
         for r in res:
             if id(r) not in known:  # stored once, however many times the pullback refers to it
                 known[id(r)] = ("s", len(saved))
                 saved.append(r)
-            where.append(known[id(r)])
-        plans.append(_Plan(tree, where, [r.dtype for r in saved]))
+            plan.where.append(known[id(r)])
+        plan.s_dtypes = [r.dtype for r in saved]
         return y, (to_bits(saved), aux)
 
-    y, (saved, aux) = jax.lax.scan(body, x, (to_bits(f_leaves), t_leaves))
-    plan = plans[-1]
-    return (y, aux), (
-        to_bits(f_leaves),
-        _Plan(f_tree, None, f_dtypes),
-        t_leaves,
-        _Plan(t_tree, None, t_float),
-        consts,
-        saved,
-        plan,
-    )
+    f_bits = to_bits(f_leaves)
+    y, (saved, aux) = jax.lax.scan(body, x, (f_bits, t_leaves))
+    return (y, aux), (f_bits, t_leaves, consts, saved, plan)
 
 
 def _bwd(step, res, g):
-    f_bits, f_plan, t_leaves, t_plan, consts, saved, plan = res
+    f_bits, t_leaves, consts, saved, plan = res
     g = g[0]  # the aux outputs (random state) have no cotangent that matters
 
     def body(g, xs):
         f_bits_i, t_i, saved_i = xs
         known = {
-            "f": from_bits(f_bits_i, f_plan.dtypes),
+            "f": from_bits(f_bits_i, plan.f_dtypes),
             "t": t_i,
             "c": jax.tree.leaves(consts),
-            "s": from_bits(saved_i, plan.dtypes),
+            "s": from_bits(saved_i, plan.s_dtypes),
         }
         pullback = jax.tree.unflatten(plan.tree, [known[name][k] for name, k in plan.where])
         gx, gf, gt = pullback(g)
@@ -153,8 +151,8 @@ def _bwd(step, res, g):
     # nothing uses them, as in LoRA training, XLA removes them from the loop.
     gx, (gf, gt_diff) = jax.lax.scan(body, g, (f_bits, t_leaves, saved), reverse=True)
     it = iter(gt_diff)
-    gt = [next(it) if d else np.zeros(a.shape, jax.dtypes.float0) for a, d in zip(t_leaves, t_plan.dtypes)]
-    return gx, jax.tree.unflatten(f_plan.tree, gf), jax.tree.unflatten(t_plan.tree, gt), None
+    gt = [next(it) if d else np.zeros(a.shape, jax.dtypes.float0) for a, d in zip(t_leaves, plan.t_float)]
+    return gx, jax.tree.unflatten(plan.f_tree, gf), jax.tree.unflatten(plan.t_tree, gt), None
 
 
 _scan.defvjp(_fwd, _bwd)
