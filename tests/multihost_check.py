@@ -1,7 +1,8 @@
 """Run by tests/test_multihost.py. ``multi PID PORT ...``: one of two processes (4 fake CPU devices each, gloo
 collectives) training on one fsdp=4,tp=2 mesh that spans both, as ``jax.distributed.initialize`` sets it up on
 real hosts. ``single - - ...``: the same run in one process with 8 devices. Both train 4 steps (checkpoints at 2
-and 4), then resume the run to step 6 with a new Trainer, and print one JSON line.
+and 4), then resume the run to step 6 with a new Trainer, write the LoRA-merged weights with tx.save_model (the
+connector taken out first: transformers has no place for it), and print one JSON line.
 
 argv: mode, process id, port, checkpoint folder, run folder (shared by both processes), data JSONL, tokenizer.
 """
@@ -36,12 +37,20 @@ def main(mode, pid, port, folder, out, data, tok_folder):
         result = tx.Trainer(model, cfg, mesh=mesh).fit(data, tokenizer=tok)
         losses += [h["loss"] for h in result["history"] if "loss" in h]
     w = model.layers.mlp.up_proj.base.weight[...]
+    lora_b = host_array(model.layers.mlp.up_proj.lora_b[...]).tolist()
+    from tx.adapters.attach import connector_modules
+    from tx.models.decoder import Residual, Streams
+
+    for name in connector_modules(model):  # plain residuals again; LoRA stays and is folded in by save_model
+        setattr(model.layers, name, Residual())
+    model.streams, model.connector_config = Streams(), None
+    tx.save_model(model, str(out) + "-merged", max_shard_size="200KB")  # several shards and an index
     report = {
         "losses": losses,
         "fully_addressable": bool(w.is_fully_addressable),
         "local_bytes": int(sum(s.data.nbytes for s in w.addressable_shards)),
         "weight_bytes": int(w.nbytes),
-        "lora_b": host_array(model.layers.mlp.up_proj.lora_b[...]).tolist(),
+        "lora_b": lora_b,
     }
     print(json.dumps(report), flush=True)
 

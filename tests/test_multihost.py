@@ -1,6 +1,6 @@
 """Two processes joined by jax.distributed (4 fake CPU devices each) train one run on a mesh spanning both: the
-losses and adapters equal a one-process run on 8 devices, process 0 alone writes the run folder, and a resumed
-run reads its checkpoint in both processes."""
+losses and adapters equal a one-process run on 8 devices, process 0 alone writes the run folder, a resumed
+run reads its checkpoint in both processes, and tx.save_model writes the merged weights of the sharded model."""
 
 import json
 import socket
@@ -65,6 +65,24 @@ def test_two_processes_train_like_one(tmp_path):
     model = tx.load_model(folder)
     tx.load_adapter(model, run / "adapter")
     np.testing.assert_allclose(np.asarray(model.layers.mlp.up_proj.lora_b[...]), np.array(single["lora_b"]), atol=1e-5)
+
+    # tx.save_model on the model sharded over both processes: the same shards and weights as the one-process save,
+    # LoRA folded in (the weights moved away from the base checkpoint's), no temporary files
+    from tx.safetensors_io import SafetensorsFile
+
+    merged, ref = tmp_path / "multi-merged", tmp_path / "single-merged"
+    shards = sorted(p.name for p in merged.glob("*.safetensors"))
+    assert len(shards) > 1 and shards == sorted(p.name for p in ref.glob("*.safetensors"))
+    assert not [p for p in merged.iterdir() if p.name.startswith(".")]
+    index = json.loads((merged / "model.safetensors.index.json").read_text())["weight_map"]
+    base = SafetensorsFile(Path(folder) / "model.safetensors")
+    for key, shard in index.items():
+        got, want = SafetensorsFile(merged / shard).get(key), SafetensorsFile(ref / shard).get(key)
+        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=key)
+    up = "model.layers.0.mlp.up_proj.weight"
+    assert np.abs(SafetensorsFile(merged / index[up]).get(up) - base.get(up)).max() > 1e-3
+    reloaded = tx.load_model(merged)  # and tx (like transformers) loads it back
+    assert reloaded.config.num_layers == model.config.num_layers
 
 
 @pytest.mark.slow

@@ -5,6 +5,8 @@ names (stacked layers split per layer; no ``lm_head.weight`` when the embeddings
 ``model.safetensors.index.json`` above ``max_shard_size``, and the tokenizer files of the source folder. LoRA is
 folded into the written weights (the in-memory model is left as it is); a connector cannot be exported, since it
 changes the architecture. Tensors are produced one shard at a time, and every file is written atomically.
+With several processes (``jax.distributed``) every process calls it: each tensor is gathered in all of them and
+process 0 writes (see :mod:`tx.multihost`).
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from tx.adapters.attach import has_connector, module_at
 from tx.adapters.lora import LoRALinear
 from tx.errors import AdapterError, ConfigError
 from tx.models.families import GLOBAL_WEIGHTS, LAYER_WEIGHTS
+from tx.multihost import agree, host_array, is_writer
 from tx.safetensors_io import NAMES, atomic_write_bytes, save_tensors
 
 INDEX = "model.safetensors.index.json"
@@ -72,9 +74,7 @@ def _weight_entries(model) -> list[tuple[str, tuple[int, ...], np.dtype, Callabl
     for hf, tx_path in GLOBAL_WEIGHTS.items():
         var, _ = resolve(tx_path)
         if var is not None:
-            entries.append(
-                (hf, tuple(var.shape), np.dtype(var.dtype), lambda var=var: np.asarray(jax.device_get(var[...])))
-            )
+            entries.append((hf, tuple(var.shape), np.dtype(var.dtype), lambda var=var: host_array(var[...])))
     for hf, tx_path in LAYER_WEIGHTS.items():
         var, lora = resolve(tx_path)
         if var is None:
@@ -86,11 +86,11 @@ def _weight_entries(model) -> list[tuple[str, tuple[int, ...], np.dtype, Callabl
 
 def _layer_producer(var, lora: LoRALinear | None, i: int) -> Callable[[], np.ndarray]:
     def produce() -> np.ndarray:
-        w = np.asarray(jax.device_get(var[i]))
+        w = host_array(var[i])
         if lora is None or lora.layer_mask[i] == 0:
             return w
-        a = np.asarray(jax.device_get(lora.lora_a[i]), np.float32)
-        b = np.asarray(jax.device_get(lora.lora_b[i]), np.float32)
+        a = host_array(lora.lora_a[i]).astype(np.float32)
+        b = host_array(lora.lora_b[i]).astype(np.float32)
         return (w.astype(np.float32) + np.float32(lora.scale) * (b @ a)).astype(w.dtype)
 
     return produce
@@ -135,8 +135,6 @@ def save_model(model, path, *, max_shard_size: int | str = "5GB") -> Path:
         )
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"{folder} is a file; save_model needs a folder")
-    folder.mkdir(parents=True, exist_ok=True)
-
     entries = _weight_entries(model)
     shards = _plan_shards(entries, parse_size(max_shard_size))
     names = (
@@ -144,6 +142,11 @@ def save_model(model, path, *, max_shard_size: int | str = "5GB") -> Path:
         if len(shards) == 1
         else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
     )
+    # every process gathers every tensor (a collective), so process 0 keeps gathering after a failed write and
+    # reports the failure once all have finished (tx.multihost.agree)
+    writer, error = is_writer(), None
+    if writer:
+        folder.mkdir(parents=True, exist_ok=True)
     weight_map, total = {}, 0
     for name, shard in zip(names, shards):
         tensors = {}
@@ -152,9 +155,26 @@ def save_model(model, path, *, max_shard_size: int | str = "5GB") -> Path:
             tensors[key] = produce()
             weight_map[key] = name
             total += tensors[key].nbytes
-        save_tensors(tensors, folder / name, metadata={"format": "pt"})
+        if writer and error is None:
+            try:
+                save_tensors(tensors, folder / name, metadata={"format": "pt"})
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the other processes are told
+                error = e
         del tensors
-    if len(shards) > 1:
+    if writer and error is None:
+        try:
+            _write_rest(folder, source, raw, names, entries, weight_map, total)
+        except Exception as e:  # noqa: BLE001
+            error = e
+    agree(error is None, f"write {folder}")
+    if error is not None:
+        raise error
+    return folder
+
+
+def _write_rest(folder: Path, source, raw, names, entries, weight_map, total) -> None:
+    """The index (several shards), config.json and the tokenizer files; removes shards of an earlier save."""
+    if len(names) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         _write_text(folder / INDEX, json.dumps(index, indent=2) + "\n")
     else:
@@ -174,7 +194,6 @@ def save_model(model, path, *, max_shard_size: int | str = "5GB") -> Path:
         for name in EXTRA_FILES:
             if (source / name).is_file():
                 atomic_write_bytes(folder / name, lambda tmp, src=source / name: shutil.copyfile(src, tmp))
-    return folder
 
 
 def _write_text(path: Path, text: str) -> None:
