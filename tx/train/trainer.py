@@ -208,14 +208,20 @@ class Trainer:
             (part, (n, rng)), g = jax.value_and_grad(self._loss, has_aux=True)(states, rng, rest, mb)
             return (jax.tree.map(jnp.add, grads, g), loss + part, count + n, rng), None
 
-        zeros = jax.tree.map(jnp.zeros_like, states)
-        (grads, loss, count, rng), _ = jax.lax.scan(micro, (zeros, jnp.zeros(()), jnp.zeros(()), rng), batches)
+        if jax.tree.leaves(batches)[0].shape[0] == 1:  # no accumulation: no loop, no zero-filled sums
+            (loss, (count, rng)), grads = jax.value_and_grad(self._loss, has_aux=True)(
+                states, rng, rest, jax.tree.map(lambda a: a[0], batches)
+            )
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, states)
+            init = (zeros, jnp.zeros(()), jnp.zeros(()), rng)
+            (grads, loss, count, rng), _ = jax.lax.scan(micro, init, batches)
         denom = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grads)
-        norm = optax.tree.norm(grads)
+        norm = optax.tree.norm(grads) / denom
+        scale = 1.0 / denom  # the mean over loss tokens and the clipping in one multiply
         if self.config.grad_clip is not None:
-            scale = jnp.minimum(1.0, self.config.grad_clip / (norm + 1e-6))
-            grads = jax.tree.map(lambda g: g * scale, grads)
+            scale = scale * jnp.minimum(1.0, self.config.grad_clip / (norm + 1e-6))
+        grads = jax.tree.map(lambda g: g * scale, grads)
         new_states, new_opt = {}, {}
         for k, opt in self.optimizers.items():
             updates, new_opt[k] = opt.update(grads[k], opt_state[k], states[k])
