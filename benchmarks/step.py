@@ -3,14 +3,18 @@
 Prints one JSON object: per configuration seconds per step (median and best), tokens/s, compile seconds,
 step memory, the step's achieved FLOP/s as a fraction of this machine's measured matmul throughput (a large
 jnp matmul timed in the same run), and the overhead of each connector over LoRA alone.
-FLOPs counted: 4 x matmul params x tokens (frozen base: forward + activation gradients; LoRA's own
-small matmuls excluded) plus attention (3 x 4 x B x S^2 x H x D per layer).
+FLOPs counted (:func:`step_flops`): 4 x matmul params x tokens (frozen base: forward + activation gradients;
+LoRA's own small matmuls excluded) plus attention (3 x 4 x B x S^2 x H x D per layer).
 
 All configurations are compiled first, then timed in rounds: each round times the matmul and one step of every
 configuration, in a rotating order. Machine load that comes and goes (a shared machine) then hits every
 configuration alike, and the ratios below compare times taken in the same rounds:
 
 - ``fraction_of_matmul_peak``: step FLOPs / best step time / best matmul FLOP/s (``..._median``: median step);
+- ``matmul_floor_seconds``: the step's counted matmuls timed alone (:func:`matmul_floor_timer`), and
+  ``matmul_floor_fraction_of_peak`` what those reach at the step's shapes; ``fraction_of_matmul_floor`` = that
+  time / the step's best time. The fraction of the peak is their product: how fast the step's own matmuls can
+  run on this machine, times how much of the step the rest leaves to them;
 - ``overhead_vs_lora``: best step time / LoRA's best step time - 1 (``..._paired_median``: the median over
   rounds of the ratio of the two times in the same round, - 1).
 
@@ -89,6 +93,80 @@ def matmul_timer(dtype, n: int = 2048):
         return time.perf_counter() - t
 
     return run, 2 * n**3
+
+
+def step_flops(a) -> int:
+    """The FLOPs counted for one step: 4 x matmul params x tokens (frozen base: forward + activation gradients;
+    LoRA's own small matmuls excluded) plus attention (3 x 4 x B x S^2 x H x D per layer)."""
+    c, i, L, hd = a.hidden, a.intermediate, a.layers, a.hidden // a.heads
+    matmul_params = L * (c * a.heads * hd * 2 + c * a.kv_heads * hd * 2 + 3 * c * i) + c * a.vocab
+    return 4 * matmul_params * a.batch * a.seq + 3 * 4 * a.batch * a.seq**2 * a.heads * hd * L
+
+
+def matmul_floor_timer(a, dtype):
+    """(one timed run of the step's counted matmuls alone, in seconds; the FLOPs XLA counts in them); warmed up.
+
+    The frozen base's dots of one LoRA step at the step's shapes and layouts, each layer with its own weights:
+    per layer the 7 projections forward (``x W^T``) and their activation gradients (``g W``), attention's 6
+    batched dots (scores and values forward, 4 in the backward pass), and the LM head forward and backward.
+    These are exactly the FLOPs the fractions count, with nothing else around them: the step's time over this one
+    is what the rest of the step (norms, softmax, LoRA, the optimiser, copies) costs.
+    """
+    from tx.models.matmul import einsum
+
+    t, c, i, hd = a.batch * a.seq, a.hidden, a.intermediate, a.hidden // a.heads
+    g = a.heads // a.kv_heads
+    count = iter(range(1 << 30))
+
+    def rand(*shape):
+        key = jax.random.fold_in(jax.random.key(2), next(count))
+        return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+    outs = [a.heads * hd, a.kv_heads * hd, a.kv_heads * hd, c, i, i, c]
+    ins = [c, c, c, a.heads * hd, c, c, i]
+    weights = [[rand(o, n) for o, n in zip(outs, ins)] for _ in range(a.layers)]
+    acts = {n: rand(t, n) for n in set(ins) | set(outs)}
+    # attention operands: [B, K, S*G, D] queries, [B, K, S, D] keys / values, [B, K, S*G, S] probabilities; every
+    # layer's forward and backward dots get operands of their own, so that XLA cannot merge identical dots
+    att = [
+        [
+            (
+                rand(a.batch, a.kv_heads, a.seq * g, hd),
+                rand(a.batch, a.kv_heads, a.seq, hd),
+                rand(a.batch, a.kv_heads, a.seq * g, a.seq),
+            )
+            for _ in range(2)
+        ]
+        for _ in range(a.layers)
+    ]
+    emb, dlogits = rand(a.vocab, c), rand(t, a.vocab)
+
+    def floor(weights, acts, att, emb, dlogits):
+        res = []
+        for layer, layer_att in zip(weights, att):
+            for w in layer:
+                res.append(einsum("ti,oi->to", acts[w.shape[1]], w, out_dtype=jnp.float32))  # forward
+                res.append(einsum("to,oi->ti", acts[w.shape[0]], w, out_dtype=jnp.float32))  # activation gradient
+            for q, kv, p in layer_att:  # forward: scores, values; backward: d probs, d q (like values), d k and d v
+                res.append(einsum("bkmd,bktd->bkmt", q, kv, out_dtype=jnp.float32))
+                res.append(einsum("bkmt,bktd->bkmd", p, kv, out_dtype=jnp.float32))
+                res.append(einsum("bkmt,bkmd->bktd", p, q, out_dtype=jnp.float32))
+        res.append(einsum("tc,vc->tv", acts[c], emb, out_dtype=jnp.float32))
+        res.append(einsum("tv,vc->tc", dlogits, emb, out_dtype=jnp.float32))
+        return res
+
+    args = (weights, acts, att, emb, dlogits)
+    f = jax.jit(floor).lower(*args).compile()
+    jax.block_until_ready(f(*args))
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        return time.perf_counter() - t0
+
+    cost = f.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return run, int(cost["flops"]) if cost and "flops" in cost else None
 
 
 def peak_rss_mb() -> float:
@@ -178,10 +256,9 @@ def main():
         "positions": np.broadcast_to(np.arange(a.seq, dtype=np.int32), (a.batch, a.seq)).copy(),
     }
     tokens = a.batch * a.seq
-    c, i, L, hd = a.hidden, a.intermediate, a.layers, a.hidden // a.heads
-    matmul_params = L * (c * a.heads * hd * 2 + c * a.kv_heads * hd * 2 + 3 * c * i) + c * a.vocab
-    flops = 4 * matmul_params * tokens + 3 * 4 * a.batch * a.seq**2 * a.heads * hd * L
+    flops = step_flops(a)
     matmul, matmul_flops = matmul_timer(jnp.dtype(a.dtype))
+    floor, floor_flops = matmul_floor_timer(a, jnp.dtype(a.dtype))
     names = [n for n in a.configs.split(",") if n]
     for n in names:
         kind, plus, loop = n.partition("+")
@@ -192,9 +269,10 @@ def main():
         trainers[name], compile_s[name] = make_trainer(name, a, cfg, batch)
     times = {name: [] for name in names}
     faults = {name: [] for name in names}
-    matmul_times = []
+    matmul_times, floor_times = [], []
     for r in range(a.steps):
         matmul_times += [matmul(), matmul()]
+        floor_times.append(floor())
         for name in names[r % len(names) :] + names[: r % len(names)]:
             f, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
             jax.block_until_ready(trainers[name].step(batch))
@@ -225,6 +303,9 @@ def main():
         "step_flops": flops,
         "rounds": a.steps,
         "matmul_gflops_per_s": round(peak / 1e9, 1),
+        "matmul_floor_seconds": round(min(floor_times), 4),
+        "matmul_floor_flops": floor_flops,  # as XLA counts them; equals step_flops
+        "matmul_floor_fraction_of_peak": round(flops / min(floor_times) / peak, 4),
         "configs": {},
     }
     for name in names:
@@ -235,6 +316,7 @@ def main():
             "tokens_per_s": tokens / best,
             "fraction_of_matmul_peak": flops / best / peak,
             "fraction_of_matmul_peak_median": flops / median / peak,
+            "fraction_of_matmul_floor": min(floor_times) / best,
             "compile_seconds": compile_s[name],
             "step_memory_mb": step_memory_mb(trainers[name], batch),
             "page_faults_per_step": int(statistics.median(faults[name])),
