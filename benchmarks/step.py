@@ -84,15 +84,19 @@ def matmul_timer(dtype, n: int = 2048):
 
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
-    f = jax.jit(lambda x, y: einsum("ij,jk->ik", x, y))
-    f(a, b).block_until_ready()
+    return timer(jax.jit(lambda x, y: einsum("ij,jk->ik", x, y)), a, b), 2 * n**3
+
+
+def timer(f, *args):
+    """A function that runs ``f(*args)`` once and returns the seconds it took; ``f`` is warmed up (compiled) here."""
+    jax.block_until_ready(f(*args))
 
     def run() -> float:
         t = time.perf_counter()
-        f(a, b).block_until_ready()
+        jax.block_until_ready(f(*args))
         return time.perf_counter() - t
 
-    return run, 2 * n**3
+    return run
 
 
 def step_flops(a) -> int:
@@ -107,8 +111,8 @@ def matmul_floor_timer(a, dtype):
     """(one timed run of the step's counted matmuls alone, in seconds; the FLOPs XLA counts in them); warmed up.
 
     The frozen base's dots of one LoRA step at the step's shapes and layouts, each layer with its own weights:
-    per layer the 7 projections forward (``x W^T``) and their activation gradients (``g W``), attention's 6
-    batched dots (scores and values forward, 4 in the backward pass), and the LM head forward and backward.
+    per layer the 7 projections forward (``x W^T``) and their activation gradients (``g W``), 6 batched dots of
+    attention's shapes (2 forward: scores, values; 4 backward), and the LM head forward and backward.
     These are exactly the FLOPs the fractions count, with nothing else around them: the step's time over this one
     is what the rest of the step (norms, softmax, LoRA, the optimiser, copies) costs.
     """
@@ -157,16 +161,9 @@ def matmul_floor_timer(a, dtype):
 
     args = (weights, acts, att, emb, dlogits)
     f = jax.jit(floor).lower(*args).compile()
-    jax.block_until_ready(f(*args))
-
-    def run() -> float:
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        return time.perf_counter() - t0
-
     cost = f.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    return run, int(cost["flops"]) if cost and "flops" in cost else None
+    return timer(f, *args), int(cost["flops"]) if cost and "flops" in cost else None
 
 
 def peak_rss_mb() -> float:
@@ -279,6 +276,7 @@ def main():
             times[name].append(time.perf_counter() - t)
             faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
     peak = matmul_flops / min(matmul_times)
+    floor_best = min(floor_times)
     out = {
         "device": str(jax.devices()[0].device_kind),
         "backend": jax.default_backend(),
@@ -303,9 +301,9 @@ def main():
         "step_flops": flops,
         "rounds": a.steps,
         "matmul_gflops_per_s": round(peak / 1e9, 1),
-        "matmul_floor_seconds": round(min(floor_times), 4),
+        "matmul_floor_seconds": round(floor_best, 4),
         "matmul_floor_flops": floor_flops,  # as XLA counts them; equals step_flops
-        "matmul_floor_fraction_of_peak": round(flops / min(floor_times) / peak, 4),
+        "matmul_floor_fraction_of_peak": round(flops / floor_best / peak, 4),
         "configs": {},
     }
     for name in names:
@@ -316,7 +314,7 @@ def main():
             "tokens_per_s": tokens / best,
             "fraction_of_matmul_peak": flops / best / peak,
             "fraction_of_matmul_peak_median": flops / median / peak,
-            "fraction_of_matmul_floor": min(floor_times) / best,
+            "fraction_of_matmul_floor": floor_best / best,
             "compile_seconds": compile_s[name],
             "step_memory_mb": step_memory_mb(trainers[name], batch),
             "page_faults_per_step": int(statistics.median(faults[name])),

@@ -203,15 +203,17 @@ class Trainer:
     def _step_fn(self, states, opt_state, rng, rest, batches, step):
         """batches: dict of [accum, B, S] arrays. Returns (states, opt_state, rng, metrics)."""
 
+        def grads_of(rng, mb):  # -> (gradient sums, loss sum, loss tokens, advanced rng) of one micro-batch
+            (loss, (count, rng)), grads = jax.value_and_grad(self._loss, has_aux=True)(states, rng, rest, mb)
+            return grads, loss, count, rng
+
         def micro(carry, mb):
             grads, loss, count, rng = carry
-            (part, (n, rng)), g = jax.value_and_grad(self._loss, has_aux=True)(states, rng, rest, mb)
+            g, part, n, rng = grads_of(rng, mb)
             return (jax.tree.map(jnp.add, grads, g), loss + part, count + n, rng), None
 
         if jax.tree.leaves(batches)[0].shape[0] == 1:  # no accumulation: no loop, no zero-filled sums
-            (loss, (count, rng)), grads = jax.value_and_grad(self._loss, has_aux=True)(
-                states, rng, rest, jax.tree.map(lambda a: a[0], batches)
-            )
+            grads, loss, count, rng = grads_of(rng, jax.tree.map(lambda a: a[0], batches))
         else:
             zeros = jax.tree.map(jnp.zeros_like, states)
             init = (zeros, jnp.zeros(()), jnp.zeros(()), rng)
