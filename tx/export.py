@@ -19,11 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from flax import nnx
 
 from tx.adapters.attach import has_connector, module_at
 from tx.adapters.lora import LoRALinear
 from tx.errors import AdapterError, ConfigError
-from tx.models.families import GLOBAL_WEIGHTS, LAYER_WEIGHTS
 from tx.multihost import agree, host_array, is_writer
 from tx.safetensors_io import NAMES, atomic_write_bytes, save_tensors
 
@@ -59,41 +59,53 @@ def parse_size(size: int | str) -> int:
 
 
 def _weight_entries(model) -> list[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]]:
-    """(HF key, shape, dtype, producer) for every tensor of the checkpoint, LoRA folded in."""
-    entries = []
+    """(HF key, shape, dtype, producer) for every tensor of the checkpoint, LoRA folded in.
 
-    def resolve(tx_path: str):
+    The keys and where each comes from are the loader's weight plan (:func:`tx.models.loader.weight_plan`) read
+    backwards: stacked layers are split per layer, fused expert tensors per expert and per part.
+    """
+    from tx.models.loader import abstract_model, indexed_shape, weight_plan
+
+    entries = []
+    plan = weight_plan(model.config, nnx.state(abstract_model(model.config)))
+    for tx_path, fills in plan.items():
         *module_path, attr = tx_path.split(".")
-        module = module_at(model, tuple(module_path))
-        lora = module if isinstance(module, LoRALinear) and module.enabled else None
+        module = module_at(model, tuple(int(p) if p.isdigit() else p for p in module_path))
+        lora = module if isinstance(module, LoRALinear) and module.enabled and attr == "weight" else None
         if isinstance(module, LoRALinear):
             module = module.base
-        var = getattr(module, attr, None) if module is not None else None
-        return var, (lora if attr == "weight" else None)
-
-    for hf, tx_path in GLOBAL_WEIGHTS.items():
-        var, _ = resolve(tx_path)
-        if var is not None:
-            entries.append((hf, tuple(var.shape), np.dtype(var.dtype), lambda var=var: host_array(var[...])))
-    for hf, tx_path in LAYER_WEIGHTS.items():
-        var, lora = resolve(tx_path)
-        if var is None:
-            continue
-        for i in range(var.shape[0]):
-            entries.append((hf.format(i=i), tuple(var.shape[1:]), np.dtype(var.dtype), _layer_producer(var, lora, i)))
+        var = getattr(module, attr)
+        layer = _LayerCache(var, lora)
+        for hf, index in fills:
+            shape = indexed_shape(tuple(var.shape), index)
+            if not index:
+                entries.append((hf, shape, np.dtype(var.dtype), lambda var=var: host_array(var[...])))
+            else:
+                entries.append((hf, shape, np.dtype(var.dtype), lambda index=index, layer=layer: layer(index)))
     return entries
 
 
-def _layer_producer(var, lora: LoRALinear | None, i: int) -> Callable[[], np.ndarray]:
-    def produce() -> np.ndarray:
-        w = host_array(var[i])
-        if lora is None or lora.layer_mask[i] == 0:
-            return w
-        a = host_array(lora.lora_a[i]).astype(np.float32)
-        b = host_array(lora.lora_b[i]).astype(np.float32)
-        return (w.astype(np.float32) + np.float32(lora.scale) * (b @ a)).astype(w.dtype)
+class _LayerCache:
+    """Produces ``var[index]`` with LoRA folded into layer ``index[0]``; keeps the last layer (the fills of one
+    layer, e.g. every expert's parts, follow each other)."""
 
-    return produce
+    def __init__(self, var, lora: LoRALinear | None):
+        self.var, self.lora, self.last = var, lora, (None, None)
+
+    def __call__(self, index: tuple) -> np.ndarray:
+        i = index[0]
+        if self.last[0] != i:
+            self.last = (i, _folded(self.var, self.lora, i))
+        return np.ascontiguousarray(self.last[1][index[1:]])
+
+
+def _folded(var, lora: LoRALinear | None, i: int) -> np.ndarray:
+    w = host_array(var[i])
+    if lora is None or lora.layer_mask[i] == 0:
+        return w
+    a = host_array(lora.lora_a[i]).astype(np.float32)
+    b = host_array(lora.lora_b[i]).astype(np.float32)
+    return (w.astype(np.float32) + np.float32(lora.scale) * (b @ a)).astype(w.dtype)
 
 
 def _plan_shards(entries, limit: int) -> list[list[int]]:

@@ -28,7 +28,8 @@ from flax import nnx
 from tx.adapters.connector import Connector, ConnectorConfig, ConnectorParam, FrozenConnectorParam, StreamEdges
 from tx.adapters.lora import ALL_LINEAR, LoRAConfig, LoRALinear, LoRAParam, merge
 from tx.errors import AdapterError, ConfigError
-from tx.models.families import LAYER_WEIGHTS, LINEAR_MODULES
+from tx.models.block import Block
+from tx.models.families import LINEAR_MODULES
 from tx.models.layers import Linear
 
 TRAINABLE = nnx.Any(LoRAParam, ConnectorParam)
@@ -41,37 +42,46 @@ _COUNTED = (nnx.Param, LoRAParam, ConnectorParam, FrozenConnectorParam)
 
 @dataclasses.dataclass(frozen=True)
 class LinearSite:
-    """One linear projection of the stacked block: short name, HF sub-path and where it sits in the tx model."""
+    """One linear projection of a stacked block: short name, HF sub-path, where it sits in the tx model and which
+    global layers its stack holds (stack index ``k`` is layer ``layer_ids[k]``)."""
 
     name: str  # "q_proj"
     hf_module: str  # "self_attn.q_proj" (inside model.layers.{i})
-    tx_path: tuple[str, ...]  # ("layers", "attn", "q_proj")
+    tx_path: tuple  # ("segments", 0, "blocks", 0, "attn", "q_proj")
+    layer_ids: tuple[int, ...]
 
-    def hf_path(self, layer: int) -> str:
-        return f"model.layers.{layer}.{self.hf_module}"
+    def hf_path(self, k: int) -> str:
+        """HF module path of stack index ``k``."""
+        return f"model.layers.{self.layer_ids[k]}.{self.hf_module}"
 
 
 def linear_sites(model) -> list[LinearSite]:
-    """The block's linear projections present in this model, in :data:`LINEAR_MODULES` order."""
+    """Every block's linear projections present in this model: blocks in model order, then :data:`LINEAR_MODULES`
+    order."""
+    from tx.models.decoder import blocks
+
     sites = []
-    for name, hf_module in LINEAR_MODULES.items():
-        tx_weight = LAYER_WEIGHTS[f"model.layers.{{i}}.{hf_module}.weight"]
-        path = tuple(tx_weight.split(".")[:-1])
-        if isinstance(module_at(model, path), Linear | LoRALinear):
-            sites.append(LinearSite(name, hf_module, path))
+    for prefix, _, layer_ids in blocks(model):
+        for name, (hf_module, tx_rel) in LINEAR_MODULES.items():
+            path = (*prefix, *tx_rel.split("."))
+            if isinstance(module_at(model, path), Linear | LoRALinear):
+                sites.append(LinearSite(name, hf_module, path, layer_ids))
     return sites
 
 
-def module_at(model, path: tuple[str, ...]):
+def module_at(model, path: tuple):
     node = model
     for part in path:
-        node = getattr(node, part, None)
+        if isinstance(part, int):
+            node = node[part] if part < len(node) else None
+        else:
+            node = getattr(node, part, None)
         if node is None:
             return None
     return node
 
 
-def set_module_at(model, path: tuple[str, ...], value) -> None:
+def set_module_at(model, path: tuple, value) -> None:
     setattr(module_at(model, path[:-1]), path[-1], value)
 
 
@@ -84,7 +94,7 @@ def _matcher(spec):
 
 
 def _no_match_error(what: str, spec, missing, sites, num_layers: int) -> ConfigError:
-    names = ", ".join(s.name for s in sites)
+    names = ", ".join(dict.fromkeys(s.name for s in sites))
     example = sites[0].hf_path(0) if sites else "model.layers.0.self_attn.q_proj"
     if isinstance(spec, str):
         head = f"LoRA {what} regex {spec!r} matches no module"
@@ -96,14 +106,14 @@ def _no_match_error(what: str, spec, missing, sites, num_layers: int) -> ConfigE
     )
 
 
-def resolve_targets(config: LoRAConfig, sites: list[LinearSite], num_layers: int) -> dict[str, np.ndarray]:
-    """Short module name -> 0/1 mask [num_layers] of the layers where it gets LoRA (only names with some 1s)."""
-    paths = [(s, i, s.hf_path(i)) for s in sites for i in range(num_layers)]
+def resolve_targets(config: LoRAConfig, sites: list[LinearSite], num_layers: int) -> dict[tuple, np.ndarray]:
+    """Site tx path -> 0/1 mask [stack] of the stacked layers where it gets LoRA (only sites with some 1s)."""
+    paths = [(s, k, s.hf_path(k)) for s in sites for k in range(len(s.layer_ids))]
     if config.targets == ALL_LINEAR:
-        chosen = {(s.name, i) for s, i, _ in paths}
+        chosen = {(s.tx_path, k) for s, k, _ in paths}
     else:
         match = _matcher(config.targets)
-        chosen = {(s.name, i) for s, i, p in paths if match(p)}
+        chosen = {(s.tx_path, k) for s, k, p in paths if match(p)}
         if isinstance(config.targets, str):
             if not chosen:
                 raise _no_match_error("targets", config.targets, (), sites, num_layers)
@@ -120,14 +130,15 @@ def resolve_targets(config: LoRAConfig, sites: list[LinearSite], num_layers: int
             missing = [t for t in config.exclude if not any(_matcher((t,))(p) for _, _, p in paths)]
             if missing:
                 raise _no_match_error("exclude", config.exclude, missing, sites, num_layers)
-        chosen = {(s.name, i) for s, i, p in paths if (s.name, i) in chosen and not drop(p)}
+        chosen = {(s.tx_path, k) for s, k, p in paths if (s.tx_path, k) in chosen and not drop(p)}
     if config.layers is not None:
         bad = [i for i in config.layers if i >= num_layers]
         if bad:
             raise ConfigError(
                 f"LoRA layers {bad} do not exist: the model has {num_layers} layers (0..{num_layers - 1})"
             )
-        chosen = {(n, i) for n, i in chosen if i in config.layers}
+        layer_of = {(s.tx_path, k): s.layer_ids[k] for s, k, _ in paths}
+        chosen = {key for key in chosen if layer_of[key] in config.layers}
     if not chosen:
         raise ConfigError(
             f"LoRA targets {config.targets!r} with exclude {config.exclude!r} and layers {config.layers!r} "
@@ -135,9 +146,9 @@ def resolve_targets(config: LoRAConfig, sites: list[LinearSite], num_layers: int
         )
     masks = {}
     for s in sites:
-        mask = np.array([(s.name, i) in chosen for i in range(num_layers)], np.float32)
+        mask = np.array([(s.tx_path, k) in chosen for k in range(len(s.layer_ids))], np.float32)
         if mask.any():
-            masks[s.name] = mask
+            masks[s.tx_path] = mask
     return masks
 
 
@@ -155,12 +166,30 @@ def lora_modules(model) -> list[tuple[LinearSite, LoRALinear]]:
     return out
 
 
+RESIDUALS = ("attn_residual", "mlp_residual")
+
+
+def connector_sites(model) -> list[tuple[str, Block, Connector, tuple[int, ...]]]:
+    """(residual name, block, installed Connector, the block's layer ids) for every connector (none when n = 1)."""
+    from tx.models.decoder import blocks
+
+    out = []
+    for _, block, layer_ids in blocks(model):
+        for name in RESIDUALS:
+            if isinstance(module := getattr(block, name, None), Connector):
+                out.append((name, block, module, layer_ids))
+    return out
+
+
 def connector_modules(model) -> dict[str, Connector]:
-    """Attribute name inside ``model.layers`` -> installed Connector (empty when none, or n = 1)."""
+    """Path of the residual module (``segments.0.blocks.0.attn_residual``) -> installed Connector."""
+    from tx.models.decoder import blocks
+
     return {
-        name: module
-        for name in ("attn_residual", "mlp_residual")
-        if isinstance(module := getattr(model.layers, name, None), Connector)
+        ".".join(map(str, (*prefix, name))): module
+        for prefix, block, _ in blocks(model)
+        for name in RESIDUALS
+        if isinstance(module := getattr(block, name, None), Connector)
     }
 
 
@@ -195,7 +224,7 @@ def attach(model, *, lora: LoRAConfig | None = None, connector: ConnectorConfig 
         masks = resolve_targets(lora, sites, cfg.num_layers)
         root = jax.random.key(lora.seed)
         for index, site in enumerate(sites):
-            if site.name not in masks:
+            if site.tx_path not in masks:
                 continue
             wrapped = LoRALinear(
                 module_at(model, site.tx_path),
@@ -204,16 +233,19 @@ def attach(model, *, lora: LoRAConfig | None = None, connector: ConnectorConfig 
                 scale=lora.scale,
                 key=jax.random.fold_in(root, index),
                 init=lora.init,
-                mask=masks[site.name],
+                mask=masks[site.tx_path],
                 dropout=lora.dropout,
             )
             set_module_at(model, site.tx_path, wrapped)
         model.lora_config = lora
     if connector is not None:
         if connector.expansion_rate > 1:
+            from tx.models.decoder import blocks
+
             rngs = nnx.Rngs(seed)
-            model.layers.attn_residual = Connector(connector, cfg.hidden_size, cfg.num_layers, rngs=rngs)
-            model.layers.mlp_residual = Connector(connector, cfg.hidden_size, cfg.num_layers, rngs=rngs)
+            for _, block, layer_ids in blocks(model):
+                for name in RESIDUALS:
+                    setattr(block, name, Connector(connector, cfg.hidden_size, len(layer_ids), rngs=rngs))
             model.streams = StreamEdges(connector.expansion_rate)
         model.connector_config = connector
     return model
@@ -225,8 +257,8 @@ def detach(model):
 
     for site, module in lora_modules(model):
         set_module_at(model, site.tx_path, module.base)
-    for name in connector_modules(model):
-        setattr(model.layers, name, Residual())
+    for name, block, _, _ in connector_sites(model):
+        setattr(block, name, Residual())
     if isinstance(getattr(model, "streams", None), StreamEdges):
         model.streams = Streams()
     model.lora_config = None

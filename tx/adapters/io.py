@@ -27,6 +27,7 @@ from flax import nnx
 from tx.adapters.attach import (
     attach,
     connector_modules,
+    connector_sites,
     detach,
     has_connector,
     has_lora,
@@ -80,13 +81,26 @@ def peft_target_spec(model) -> tuple[list[str] | str, list[int] | None]:
     (e.g. a regex that picks q_proj in layer 0 and v_proj in layer 1) a regex of the exact HF module paths.
     """
     num_layers = model.config.num_layers
-    adapted = {site.name: tuple(int(i) for i in np.flatnonzero(m.layer_mask)) for site, m in lora_modules(model)}
-    if len(set(adapted.values())) == 1:
-        layers = list(next(iter(adapted.values())))
-        return [n for n in LINEAR_MODULES if n in adapted], (None if len(layers) == num_layers else layers)
+    chosen = {
+        site.hf_path(int(k)) for site, m in lora_modules(model) for k in np.flatnonzero(m.layer_mask)
+    }  # the exact HF module paths tx adapted
+    sites = linear_sites(model)
+    every = [(site, k, site.hf_path(k)) for site in sites for k in range(len(site.layer_ids))]
+    names = [n for n in LINEAR_MODULES if any(site.name == n and p in chosen for site, _, p in every)]
+    layers = sorted({site.layer_ids[k] for site, k, p in every if p in chosen})
+    # a list of names + layers when PEFT's own matching of them gives exactly the adapted modules
+    picked = {
+        p for site, k, p in every if site.layer_ids[k] in layers and any(p == n or p.endswith("." + n) for n in names)
+    }
+    if picked == chosen:
+        return names, (None if len(layers) == num_layers else layers)
+    by_module: dict[str, set[int]] = {}
+    for site, k, p in every:
+        if p in chosen:
+            by_module.setdefault(site.hf_module, set()).add(site.layer_ids[k])
     parts = [
-        rf"model\.layers\.(?:{'|'.join(map(str, layers))})\.{re.escape(LINEAR_MODULES[name])}"
-        for name, layers in adapted.items()
+        rf"model\.layers\.(?:{'|'.join(map(str, sorted(ids)))})\.{re.escape(module)}"
+        for module, ids in by_module.items()
     ]
     return "|".join(parts), None
 
@@ -142,9 +156,7 @@ def save_adapter(model, path) -> Path:
             key = PEFT_PREFIX + site.hf_path(int(i))
             lora_tensors[f"{key}.lora_A.weight"] = a[i]
             lora_tensors[f"{key}.lora_B.weight"] = b[i]
-    for name, conn in connectors.items():
-        for var_path, var in nnx.to_flat_state(nnx.state(conn, nnx.Variable)):
-            conn_tensors[".".join(["layers", name, *map(str, var_path)])] = host_array(var[...])
+    conn_tensors = {key: value for key, (value, _) in _connector_tensors(model, gather=True).items()}
     if is_writer():
         try:
             _write_adapter(model, folder, lora_tensors, conn_tensors, connectors)
@@ -243,7 +255,7 @@ def connector_config_from_sidecar(data: dict, path: Path) -> ConnectorConfig:
 
 def _without_foreign_excludes(model, config: LoRAConfig) -> LoRAConfig:
     """PEFT configs often exclude modules tx never adapts (``lm_head``); drop those entries instead of failing."""
-    paths = [site.hf_path(i) for site in linear_sites(model) for i in range(model.config.num_layers)]
+    paths = [site.hf_path(k) for site in linear_sites(model) for k in range(len(site.layer_ids))]
     if isinstance(config.exclude, str):
         keep = config.exclude if any(re.fullmatch(config.exclude, p) for p in paths) else ()
     else:
@@ -325,25 +337,42 @@ def _load_lora(model, folder: Path, file: SafetensorsFile) -> None:
         _assign(var, value)
 
 
-def _load_connector(model, folder: Path, file: SafetensorsFile) -> None:
-    slots = {}
-    for name, conn in connector_modules(model).items():
+def _connector_tensors(model, gather: bool) -> dict[str, tuple[np.ndarray | tuple, list]]:
+    """Sidecar key (``layers.attn_residual.proj``) -> (value stacked over all layers in layer order, or its shape,
+    and the [(variable, its layer ids)] it is made of). Blocks of different segments fill their own layers."""
+    num_layers = model.config.num_layers
+    out: dict[str, tuple] = {}
+    for name, _, conn, layer_ids in connector_sites(model):
         for var_path, var in nnx.to_flat_state(nnx.state(conn, nnx.Variable)):
-            slots[".".join(["layers", name, *map(str, var_path)])] = var
+            key = ".".join(["layers", name, *map(str, var_path)])
+            value, parts = out.setdefault(key, (None, []))
+            parts.append((var, layer_ids))
+            if gather:
+                if value is None:
+                    value = np.zeros((num_layers, *var.shape[1:]), np.dtype(var.dtype))
+                value[list(layer_ids)] = host_array(var[...])
+            else:
+                value = (num_layers, *var.shape[1:])
+            out[key] = (value, parts)
+    return out
+
+
+def _load_connector(model, folder: Path, file: SafetensorsFile) -> None:
+    slots = _connector_tensors(model, gather=False)
     problems = []
     for key in file.keys():
         if key not in slots:
             problems.append(f"unexpected tensor {key!r}")
-        elif tuple(file.shape(key)) != tuple(slots[key].shape):
-            problems.append(
-                f"tensor {key!r} has shape {tuple(file.shape(key))} but this model expects {slots[key].shape}"
-            )
+        elif tuple(file.shape(key)) != tuple(slots[key][0]):
+            problems.append(f"tensor {key!r} has shape {tuple(file.shape(key))} but this model expects {slots[key][0]}")
     problems += [f"missing tensor {key!r}" for key in slots if key not in file.keys()]
     problems += _non_finite(file, [key for key in slots if key in file.keys()])
     if problems:
         raise _problems_error(folder, CONNECTOR_WEIGHTS, problems)
-    for key, var in slots.items():
-        _assign(var, file.get(key))
+    for key, (_, parts) in slots.items():
+        value = file.get(key)
+        for var, layer_ids in parts:
+            _assign(var, value[list(layer_ids)])
 
 
 def load_adapter(model, path):

@@ -23,6 +23,37 @@ class RopeConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """A mixture-of-experts MLP: a router picks ``top_k`` of ``num_experts`` gated experts per token.
+
+    ``router``: "softmax_topk" (softmax over all experts, then top-k; Qwen-MoE, Mixtral). ``norm_topk_prob``
+    renormalises the chosen weights to sum 1. ``shared_expert_size`` > 0 adds an always-on gated MLP of that width
+    with a sigmoid gate (Qwen2-MoE). ``router_aux_loss_coef``: weight of the load-balancing loss (0: none).
+    """
+
+    num_experts: int
+    top_k: int
+    expert_size: int
+    router: str = "softmax_topk"
+    norm_topk_prob: bool = False
+    shared_expert_size: int = 0
+    shared_expert_gate: bool = False
+    router_aux_loss_coef: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+    """What one decoder layer is made of. Hashable: layers with equal specs share one compiled layer.
+
+    ``mlp``: "dense" (gated MLP) or "moe" (:class:`MoEConfig`). ``window``: this layer's sliding-window size
+    (None: full attention).
+    """
+
+    mlp: str = "dense"
+    window: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Shapes and switches of a dense decoder-only transformer.
 
@@ -49,11 +80,19 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False
     sliding_window: int | None = None
+    moe: MoEConfig | None = None
+    layer_specs: tuple[BlockSpec, ...] = ()
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     torch_dtype: str | None = None
     raw: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        if not self.layer_specs:  # every layer alike: dense MLP, the config's window
+            object.__setattr__(self, "layer_specs", (BlockSpec(window=self.sliding_window),) * self.num_layers)
+        if len(self.layer_specs) != self.num_layers:
+            raise CheckpointError(f"{len(self.layer_specs)} layer specs for {self.num_layers} layers")
 
 
 def read_config_json(folder: Path) -> dict[str, Any]:
@@ -126,6 +165,9 @@ def parse_config(data: dict[str, Any], path: str = "config.json") -> ModelConfig
     if act not in ("silu", "swish"):
         raise CheckpointError(f"{path}: hidden_act {act!r} is not supported (tx's gated MLP uses silu)")
     window = data.get("sliding_window") if family.sliding_window_key(data) else None
+    num_layers = _get(data, "num_hidden_layers", int, path)
+    moe = family.moe(data, path) if family.moe else None
+    specs = family.layer_specs(data, num_layers, int(window) if window else None, path)
     return ModelConfig(
         family=family.name,
         model_type=data.get("model_type", family.model_types[0]),
@@ -133,7 +175,7 @@ def parse_config(data: dict[str, Any], path: str = "config.json") -> ModelConfig
         vocab_size=_get(data, "vocab_size", int, path),
         hidden_size=hidden,
         intermediate_size=_get(data, "intermediate_size", int, path),
-        num_layers=_get(data, "num_hidden_layers", int, path),
+        num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
@@ -146,6 +188,8 @@ def parse_config(data: dict[str, Any], path: str = "config.json") -> ModelConfig
         mlp_bias=bool(data.get("mlp_bias", False)),
         qk_norm=family.qk_norm,
         sliding_window=int(window) if window else None,
+        moe=moe,
+        layer_specs=specs,
         bos_token_id=data.get("bos_token_id"),
         eos_token_id=data.get("eos_token_id"),
         pad_token_id=data.get("pad_token_id"),

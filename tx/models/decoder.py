@@ -25,16 +25,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tx.models import layer_scan
+from tx.models.block import Block, Residual  # noqa: F401 - Residual: the plain residual module, imported from here
 from tx.models.config import ModelConfig
-from tx.models.layers import MLP, Attention, AttentionContext, Embed, Linear, RMSNorm, rope_inv_freq, rope_tables
+from tx.models.layers import AttentionContext, Embed, Linear, RMSNorm, rope_inv_freq, rope_tables, window_key
 from tx.models.matmul import einsum
-
-
-class Residual(nnx.Module):
-    """The plain residual connection h <- h + f(h)."""
-
-    def __call__(self, x: jax.Array, f) -> jax.Array:
-        return x + f(x)
+from tx.models.segments import SegmentPlan, plan_segments
 
 
 class Streams(nnx.Module):
@@ -47,44 +42,42 @@ class Streams(nnx.Module):
         return x
 
 
-class Block(nnx.Module):
-    """Pre-norm decoder block: attention then gated MLP, each inside a residual module."""
+class Segment(nnx.Module):
+    """A unit of blocks repeated ``repeats`` times (see :mod:`tx.models.segments`).
 
-    def __init__(self, cfg: ModelConfig, *, stack=(), dtype, rngs):
-        eps = cfg.rms_norm_eps
-        self.attn_norm = RMSNorm(cfg.hidden_size, eps=eps, stack=stack, dtype=dtype, rngs=rngs)
-        self.attn = Attention(cfg, stack=stack, dtype=dtype, rngs=rngs)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, eps=eps, stack=stack, dtype=dtype, rngs=rngs)
-        self.mlp = MLP(cfg, stack=stack, dtype=dtype, rngs=rngs)
-        self.attn_residual = Residual()
-        self.mlp_residual = Residual()
+    ``blocks[u]`` holds unit position ``u`` of every repeat, its parameters stacked on a leading ``[repeats]``
+    axis; ``layer_ids[u]`` are the global layer indices of that stack, in order.
+    """
+
+    def __init__(self, cfg: ModelConfig, plan: SegmentPlan, *, dtype, rngs):
+        self.repeats = plan.repeats
+        self.layer_ids = tuple(plan.layer_ids(u) for u in range(len(plan.unit)))
+        self.blocks = nnx.List([Block(cfg, spec, stack=(plan.repeats,), dtype=dtype, rngs=rngs) for spec in plan.unit])
 
     def __call__(self, x: jax.Array, ctx: AttentionContext, kv=None):
+        """One repeat of the unit (inside the scan every block sees one layer's slice); kv: a tuple per block."""
         new_kv = []
-
-        def attn_fn(h):
-            out, kv_out = self.attn(self.attn_norm(h), ctx, kv)
-            new_kv.append(kv_out)
-            return out
-
-        x = self.attn_residual(x, attn_fn)
-        x = self.mlp_residual(x, lambda h: self.mlp(self.mlp_norm(h)))
-        return x, new_kv[0]
+        for u, block in enumerate(self.blocks):
+            x, out = block(x, ctx, None if kv is None else kv[u])
+            new_kv.append(out)
+        return x, tuple(new_kv)
 
 
 class KVCache(NamedTuple):
-    """Stacked KV cache: k, v [L, B, T, K, D]; valid [B, T] marks written, non-padding slots; index: next slot."""
+    """KV cache: ``layers[s][u] = (k, v)``, each [repeats, B, T, K, D], for unit position u of segment s;
+    valid [B, T] marks written, non-padding slots; index: next slot."""
 
-    k: jax.Array
-    v: jax.Array
+    layers: tuple
     valid: jax.Array
     index: jax.Array
 
     @classmethod
     def create(cls, cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> KVCache:
-        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
-        zeros = jnp.zeros(shape, dtype)
-        return cls(zeros, zeros, jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
+        layers = []
+        for plan in plan_segments(cfg.layer_specs):
+            shape = (plan.repeats, batch, length, cfg.num_kv_heads, cfg.head_dim)
+            layers.append(tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in plan.unit))
+        return cls(tuple(layers), jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -113,9 +106,10 @@ class CausalLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = cfg
         self.dtype = dtype
-        stack = (cfg.num_layers,)
         self.embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = Block(cfg, stack=stack, dtype=dtype, rngs=rngs)
+        self.segments = nnx.List(
+            [Segment(cfg, plan, dtype=dtype, rngs=rngs) for plan in plan_segments(cfg.layer_specs)]
+        )
         self.streams = Streams()
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
         if cfg.tie_word_embeddings:
@@ -126,6 +120,16 @@ class CausalLM(nnx.Module):
             )
         self.remat = False  # gradient checkpointing of each layer
         self.scan_layers = True  # False: a Python loop over the layers (see the module docstring)
+
+    @property
+    def layers(self) -> Block:
+        """The stacked block of a model whose layers are all alike (one segment of one block)."""
+        if len(self.segments) == 1 and len(self.segments[0].blocks) == 1:
+            return self.segments[0].blocks[0]
+        raise AttributeError(
+            f"this {self.config.architecture} has {len(self.segments)} segments of different blocks; "
+            "use model.segments[s].blocks[u] (tx.models.decoder.blocks(model) lists them with their layer ids)"
+        )
 
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
         hidden, _ = self.hidden_states(input_ids, attention_mask, positions, segment_ids)
@@ -150,55 +154,74 @@ class CausalLM(nnx.Module):
             if cache is not None:  # continue counting from the tokens already in the cache
                 positions = positions + jnp.sum(cache.valid, axis=-1, keepdims=True)
         cos, sin = rope_tables(positions, rope_inv_freq(self.config.rope, self.config.head_dim))
-        window = self.config.sliding_window
+        windows = sorted({spec.window for spec in self.config.layer_specs}, key=lambda w: (w is not None, w or 0))
         if cache is None:
             idx = jnp.arange(s)
-            mask = attention_mask_matrix(idx, idx, attention_mask, segment_ids, segment_ids, window)
-            ctx = AttentionContext(cos, sin, mask)
+            masks = {
+                window_key(w): attention_mask_matrix(idx, idx, attention_mask, segment_ids, segment_ids, w)
+                for w in windows
+            }
+            ctx = AttentionContext(cos, sin, None, masks=masks)
         else:
-            t = cache.k.shape[2]
+            t = cache.valid.shape[1]
             q_idx = cache.index + jnp.arange(s)
             valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, cache.index))
-            mask = attention_mask_matrix(q_idx, jnp.arange(t), valid, window=window)
-            ctx = AttentionContext(cos, sin, mask, cache.index)
+            masks = {window_key(w): attention_mask_matrix(q_idx, jnp.arange(t), valid, window=w) for w in windows}
+            ctx = AttentionContext(cos, sin, None, cache.index, masks=masks)
 
         x = self.streams.expand(self.embed(input_ids).astype(self.dtype))
-        if self.scan_layers and cache is None:
+        new_layers = []
+        for k, segment in enumerate(self.segments):
+            x, kv = self._run_segment(segment, x, ctx, None if cache is None else cache.layers[k])
+            new_layers.append(kv)
+        hidden = self.norm(self.streams.reduce(x))
+        if cache is None:
+            return hidden, None
+        return hidden, KVCache(tuple(new_layers), valid, cache.index + s)
+
+    def _run_segment(self, segment: Segment, x, ctx, kv):
+        """Run one segment's repeats: the layer scan, or unrolled (``scan_layers`` False)."""
+        if self.scan_layers and kv is None:
             # training and scoring: the scan with a written-out backward pass (see tx.models.layer_scan)
-            graphdef, frozen, trained = nnx.split(self.layers, nnx.Param, ...)
+            graphdef, frozen, trained = nnx.split(segment, nnx.Param, ...)
 
             def step(x, frozen, trained, ctx):
-                layer = nnx.merge(graphdef, frozen, trained)
-                return layer(x, ctx)[0], nnx.state(layer, nnx.RngState)  # random state it advanced
+                unit = nnx.merge(graphdef, frozen, trained)
+                return unit(x, ctx)[0], nnx.state(unit, nnx.RngState)  # random state it advanced
 
             if self.remat:
                 step = jax.checkpoint(step, policy=jax.checkpoint_policies.nothing_saveable)
             x, rng_state = layer_scan.scan(step, x, frozen, trained, ctx)
-            nnx.update(self.layers, rng_state)
-            return self.norm(self.streams.reduce(x)), None
-        graphdef, state = nnx.split(self.layers)
+            nnx.update(segment, rng_state)
+            return x, None
+        graphdef, state = nnx.split(segment)
 
         def body(x, xs):
-            layer_state, kv = xs
-            layer = nnx.merge(graphdef, layer_state)
-            x, kv = layer(x, ctx, kv)
-            return x, (kv, nnx.state(layer, nnx.RngState))  # random state a layer advanced (e.g. LoRA dropout)
+            unit_state, kv = xs
+            unit = nnx.merge(graphdef, unit_state)
+            x, kv = unit(x, ctx, kv)
+            return x, (kv, nnx.state(unit, nnx.RngState))  # random state a layer advanced (e.g. LoRA dropout)
 
         if self.remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-        kv = None if cache is None else (cache.k, cache.v)
         if self.scan_layers:
             # decoding: weights and the KV cache cross the scan as uint16 bits, as XLA:CPU would move bf16
             # slices and updates through fp32, converting the whole cache on every token (see layer_scan)
             x, (kv, rng_state) = layer_scan.scan_as_bits(body, x, (state, kv))
         else:
             outs = []
-            for i in range(self.config.num_layers):
+            for i in range(segment.repeats):
                 x, out = body(x, jax.tree.map(lambda a, i=i: a[i], (state, kv)))
                 outs.append(out)
             kv, rng_state = jax.tree.map(lambda *a: jnp.stack(a), *outs)
-        nnx.update(self.layers, rng_state)
-        hidden = self.norm(self.streams.reduce(x))
-        if cache is None:
-            return hidden, None
-        return hidden, KVCache(kv[0], kv[1], valid, cache.index + s)
+        nnx.update(segment, rng_state)
+        return x, kv
+
+
+def blocks(model) -> list[tuple[tuple, Block, tuple[int, ...]]]:
+    """(tx path of the block, the block, its global layer ids in stack order) for every block of the model."""
+    out = []
+    for k, segment in enumerate(model.segments):
+        for u, block in enumerate(segment.blocks):
+            out.append((("segments", k, "blocks", u), block, segment.layer_ids[u]))
+    return out

@@ -1,8 +1,16 @@
-"""Model families as data: which switches each family uses and how HF weight names map to tx's modules.
+"""Model families as data: which parts and switches each family uses and how HF weight names map to tx's modules.
 
-A family is a row in :data:`FAMILIES`, not a copy of the model code. The weight map is a table from an
-HF key pattern (``{i}`` stands for the layer index) to the path of the tx parameter that holds it.
-Per-layer tensors are stacked on a leading layer axis in tx.
+A family is a row in :data:`FAMILIES`, not a copy of the model code. It says:
+
+- which switches the attention part uses (q/k/v bias, q/k norm, sliding window);
+- which MLP part each layer has (:func:`layer_specs`: dense, or a mixture of experts on the layers the config's
+  pattern selects: Qwen-MoE's ``decoder_sparse_step`` / ``mlp_only_layers``, Mixtral's every layer);
+- the weight map of each part: a table from an HF key below ``model.layers.{i}.`` (``{j}`` stands for the expert
+  index) to the path of the tx parameter inside a block, and to which slice of it the tensor fills (fused
+  tensors such as the experts' ``gate_up_proj`` are filled from two on-disk tensors).
+
+Per-layer tensors are stacked on the leading layer axis of the block that holds the layer (see
+:mod:`tx.models.segments`); per-expert tensors on the expert axis after it.
 """
 
 from __future__ import annotations
@@ -11,6 +19,80 @@ import dataclasses
 from collections.abc import Callable
 
 from tx.errors import CheckpointError
+from tx.models.config import BlockSpec, MoEConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSpec:
+    """One on-disk tensor of a block: its tx parameter (relative to the block) and the rows of it it fills.
+
+    ``rows``: ``(part, parts)`` when the tensor fills the ``part``-th of ``parts`` equal row blocks of the tx
+    parameter's last-but-one axis (a fused projection); None when it fills the whole slice.
+    """
+
+    tx_path: str
+    rows: tuple[int, int] | None = None
+
+
+def _experts_key(data: dict) -> str:
+    """transformers 5 writes ``num_local_experts``; older Qwen-MoE configs (the hub's) ``num_experts``."""
+    return "num_local_experts" if data.get("num_local_experts") is not None else "num_experts"
+
+
+def _moe_qwen(data: dict, path: str) -> MoEConfig | None:
+    if not data.get(_experts_key(data)):
+        return None
+    shared = int(data.get("shared_expert_intermediate_size") or 0)
+    return MoEConfig(
+        num_experts=_positive(data, _experts_key(data), path),
+        top_k=_positive(data, "num_experts_per_tok", path),
+        expert_size=_positive(data, "moe_intermediate_size", path),
+        norm_topk_prob=bool(data.get("norm_topk_prob", False)),
+        shared_expert_size=shared,
+        shared_expert_gate=shared > 0,
+        router_aux_loss_coef=float(data.get("router_aux_loss_coef") or 0.0),
+    )
+
+
+def _moe_mixtral(data: dict, path: str) -> MoEConfig:
+    return MoEConfig(
+        num_experts=_positive(data, "num_local_experts", path),
+        top_k=_positive(data, "num_experts_per_tok", path),
+        expert_size=_positive(data, "intermediate_size", path),
+        norm_topk_prob=True,  # Mixtral always renormalises the chosen weights
+        router_aux_loss_coef=float(data.get("router_aux_loss_coef") or 0.0),
+    )
+
+
+def _positive(data: dict, key: str, path: str) -> int:
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise CheckpointError(f"{path}: {key!r} must be a positive integer, found {value!r}")
+    return value
+
+
+def _all_dense(data: dict, num_layers: int, window: int | None, path: str) -> tuple[BlockSpec, ...]:
+    return (BlockSpec(window=window),) * num_layers
+
+
+def _all_moe(data: dict, num_layers: int, window: int | None, path: str) -> tuple[BlockSpec, ...]:
+    return (BlockSpec(mlp="moe", window=window),) * num_layers
+
+
+def _qwen_moe_layers(data: dict, num_layers: int, window: int | None, path: str) -> tuple[BlockSpec, ...]:
+    """transformers' rule: layer i is sparse when it is not in ``mlp_only_layers``, experts exist and
+    ``(i + 1) % decoder_sparse_step == 0``."""
+    step = data.get("decoder_sparse_step", 1)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise CheckpointError(f"{path}: 'decoder_sparse_step' must be an integer >= 1, found {step!r}")
+    dense_only = data.get("mlp_only_layers") or []
+    if not isinstance(dense_only, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in dense_only):
+        raise CheckpointError(f"{path}: 'mlp_only_layers' must be a list of layer indices, found {dense_only!r}")
+    experts = data.get(_experts_key(data)) or 0
+    return tuple(
+        BlockSpec(mlp="moe" if experts and i not in dense_only and (i + 1) % step == 0 else "dense", window=window)
+        for i in range(num_layers)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +104,9 @@ class Family:
     qkv_bias: Callable[[dict], bool] = lambda cfg: bool(cfg.get("attention_bias", False))
     o_bias: Callable[[dict], bool] = lambda cfg: bool(cfg.get("attention_bias", False))
     sliding_window_key: Callable[[dict], bool] = lambda cfg: False
+    moe: Callable[[dict, str], MoEConfig | None] | None = None
+    layer_specs: Callable[[dict, int, int | None, str], tuple[BlockSpec, ...]] = _all_dense
+    moe_weights: str = "qwen"  # which on-disk layout the experts use: a key of MOE_WEIGHTS
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -43,6 +128,36 @@ FAMILIES: tuple[Family, ...] = (
         sliding_window_key=lambda cfg: bool(cfg.get("use_sliding_window", False)),
     ),
     Family("qwen3", ("Qwen3ForCausalLM",), ("qwen3",), qk_norm=True),
+    Family(
+        "qwen3_moe",
+        ("Qwen3MoeForCausalLM",),
+        ("qwen3_moe",),
+        qk_norm=True,
+        sliding_window_key=lambda cfg: bool(cfg.get("use_sliding_window", False)),
+        moe=_moe_qwen,
+        layer_specs=_qwen_moe_layers,
+    ),
+    Family(
+        "qwen2_moe",
+        ("Qwen2MoeForCausalLM",),
+        ("qwen2_moe",),
+        qkv_bias=lambda cfg: bool(cfg.get("qkv_bias", True)),
+        o_bias=lambda cfg: False,
+        sliding_window_key=lambda cfg: bool(cfg.get("use_sliding_window", False)),
+        moe=_moe_qwen,
+        layer_specs=_qwen_moe_layers,
+    ),
+    Family(
+        "mixtral",
+        ("MixtralForCausalLM",),
+        ("mixtral",),
+        qkv_bias=lambda cfg: False,
+        o_bias=lambda cfg: False,
+        sliding_window_key=lambda cfg: bool(cfg.get("sliding_window")),
+        moe=_moe_mixtral,
+        layer_specs=_all_moe,
+        moe_weights="mixtral",
+    ),
 )
 
 
@@ -64,40 +179,85 @@ def family_for(config: dict, path: str = "config.json") -> Family:
     raise CheckpointError(f"{path}: unsupported architecture {found!r}. tx supports: {supported()}")
 
 
-# HF key -> tx parameter path. "{i}" is the layer index; tx stacks those tensors on axis 0.
-# Weights keep HF's [out, in] layout (no transpose on load, PEFT's layout for LoRA).
-LAYER_WEIGHTS: dict[str, str] = {
-    "model.layers.{i}.input_layernorm.weight": "layers.attn_norm.scale",
-    "model.layers.{i}.post_attention_layernorm.weight": "layers.mlp_norm.scale",
-    "model.layers.{i}.self_attn.q_proj.weight": "layers.attn.q_proj.weight",
-    "model.layers.{i}.self_attn.k_proj.weight": "layers.attn.k_proj.weight",
-    "model.layers.{i}.self_attn.v_proj.weight": "layers.attn.v_proj.weight",
-    "model.layers.{i}.self_attn.o_proj.weight": "layers.attn.o_proj.weight",
-    "model.layers.{i}.self_attn.q_proj.bias": "layers.attn.q_proj.bias",
-    "model.layers.{i}.self_attn.k_proj.bias": "layers.attn.k_proj.bias",
-    "model.layers.{i}.self_attn.v_proj.bias": "layers.attn.v_proj.bias",
-    "model.layers.{i}.self_attn.o_proj.bias": "layers.attn.o_proj.bias",
-    "model.layers.{i}.self_attn.q_norm.weight": "layers.attn.q_norm.scale",
-    "model.layers.{i}.self_attn.k_norm.weight": "layers.attn.k_norm.scale",
-    "model.layers.{i}.mlp.gate_proj.weight": "layers.mlp.gate_proj.weight",
-    "model.layers.{i}.mlp.up_proj.weight": "layers.mlp.up_proj.weight",
-    "model.layers.{i}.mlp.down_proj.weight": "layers.mlp.down_proj.weight",
-    "model.layers.{i}.mlp.gate_proj.bias": "layers.mlp.gate_proj.bias",
-    "model.layers.{i}.mlp.up_proj.bias": "layers.mlp.up_proj.bias",
-    "model.layers.{i}.mlp.down_proj.bias": "layers.mlp.down_proj.bias",
+def family_named(name: str) -> Family:
+    return next(f for f in FAMILIES if f.name == name)
+
+
+# HF key below "model.layers.{i}." -> where it goes in a tx block. Weights keep HF's [out, in] layout (no
+# transpose on load, PEFT's layout for LoRA).
+ATTENTION_WEIGHTS: dict[str, WeightSpec] = {
+    "input_layernorm.weight": WeightSpec("attn_norm.scale"),
+    "post_attention_layernorm.weight": WeightSpec("mlp_norm.scale"),
+    "self_attn.q_proj.weight": WeightSpec("attn.q_proj.weight"),
+    "self_attn.k_proj.weight": WeightSpec("attn.k_proj.weight"),
+    "self_attn.v_proj.weight": WeightSpec("attn.v_proj.weight"),
+    "self_attn.o_proj.weight": WeightSpec("attn.o_proj.weight"),
+    "self_attn.q_proj.bias": WeightSpec("attn.q_proj.bias"),
+    "self_attn.k_proj.bias": WeightSpec("attn.k_proj.bias"),
+    "self_attn.v_proj.bias": WeightSpec("attn.v_proj.bias"),
+    "self_attn.o_proj.bias": WeightSpec("attn.o_proj.bias"),
+    "self_attn.q_norm.weight": WeightSpec("attn.q_norm.scale"),
+    "self_attn.k_norm.weight": WeightSpec("attn.k_norm.scale"),
+}
+DENSE_MLP_WEIGHTS: dict[str, WeightSpec] = {
+    "mlp.gate_proj.weight": WeightSpec("mlp.gate_proj.weight"),
+    "mlp.up_proj.weight": WeightSpec("mlp.up_proj.weight"),
+    "mlp.down_proj.weight": WeightSpec("mlp.down_proj.weight"),
+    "mlp.gate_proj.bias": WeightSpec("mlp.gate_proj.bias"),
+    "mlp.up_proj.bias": WeightSpec("mlp.up_proj.bias"),
+    "mlp.down_proj.bias": WeightSpec("mlp.down_proj.bias"),
+}
+# On-disk expert layouts ({j}: expert index). tx holds the experts fused as transformers 5 does in memory:
+# gate_up_proj [E, 2I, C] (gate rows first) and down_proj [E, C, I].
+MOE_WEIGHTS: dict[str, dict[str, WeightSpec]] = {
+    "qwen": {
+        "mlp.gate.weight": WeightSpec("mlp.router.weight"),
+        "mlp.experts.{j}.gate_proj.weight": WeightSpec("mlp.experts.gate_up_proj.weight", (0, 2)),
+        "mlp.experts.{j}.up_proj.weight": WeightSpec("mlp.experts.gate_up_proj.weight", (1, 2)),
+        "mlp.experts.{j}.down_proj.weight": WeightSpec("mlp.experts.down_proj.weight"),
+        "mlp.shared_expert.gate_proj.weight": WeightSpec("mlp.shared_expert.gate_proj.weight"),
+        "mlp.shared_expert.up_proj.weight": WeightSpec("mlp.shared_expert.up_proj.weight"),
+        "mlp.shared_expert.down_proj.weight": WeightSpec("mlp.shared_expert.down_proj.weight"),
+        "mlp.shared_expert_gate.weight": WeightSpec("mlp.shared_expert_gate.weight"),
+    },
+    "mixtral": {
+        "block_sparse_moe.gate.weight": WeightSpec("mlp.router.weight"),
+        "block_sparse_moe.experts.{j}.w1.weight": WeightSpec("mlp.experts.gate_up_proj.weight", (0, 2)),
+        "block_sparse_moe.experts.{j}.w3.weight": WeightSpec("mlp.experts.gate_up_proj.weight", (1, 2)),
+        "block_sparse_moe.experts.{j}.w2.weight": WeightSpec("mlp.experts.down_proj.weight"),
+    },
 }
 GLOBAL_WEIGHTS: dict[str, str] = {
     "model.embed_tokens.weight": "embed.embedding",
     "model.norm.weight": "norm.scale",
     "lm_head.weight": "lm_head.weight",
 }
-# The linear projections of a block, in HF module naming: LoRA targets and the PEFT key layout use these.
-LINEAR_MODULES: dict[str, str] = {
-    "q_proj": "self_attn.q_proj",
-    "k_proj": "self_attn.k_proj",
-    "v_proj": "self_attn.v_proj",
-    "o_proj": "self_attn.o_proj",
-    "gate_proj": "mlp.gate_proj",
-    "up_proj": "mlp.up_proj",
-    "down_proj": "mlp.down_proj",
+
+
+def block_weights(family: Family, spec: BlockSpec) -> dict[str, WeightSpec]:
+    """The weight map of one block: attention part + its MLP part."""
+    mlp = MOE_WEIGHTS[family.moe_weights] if spec.mlp == "moe" else DENSE_MLP_WEIGHTS
+    return {**ATTENTION_WEIGHTS, **mlp}
+
+
+# The linear projections of a block, in HF module naming (as transformers names the modules in memory, which is
+# what PEFT targets): LoRA targets and the PEFT key layout use these. tx path relative to the block.
+LINEAR_MODULES: dict[str, tuple[str, str]] = {
+    "q_proj": ("self_attn.q_proj", "attn.q_proj"),
+    "k_proj": ("self_attn.k_proj", "attn.k_proj"),
+    "v_proj": ("self_attn.v_proj", "attn.v_proj"),
+    "o_proj": ("self_attn.o_proj", "attn.o_proj"),
+    "gate_proj": ("mlp.gate_proj", "mlp.gate_proj"),
+    "up_proj": ("mlp.up_proj", "mlp.up_proj"),
+    "down_proj": ("mlp.down_proj", "mlp.down_proj"),
+    "gate": ("mlp.gate", "mlp.router"),
+    "shared_expert.gate_proj": ("mlp.shared_expert.gate_proj", "mlp.shared_expert.gate_proj"),
+    "shared_expert.up_proj": ("mlp.shared_expert.up_proj", "mlp.shared_expert.up_proj"),
+    "shared_expert.down_proj": ("mlp.shared_expert.down_proj", "mlp.shared_expert.down_proj"),
+    "shared_expert_gate": ("mlp.shared_expert_gate", "mlp.shared_expert_gate"),
+}
+# Expert tensors PEFT adapts through ``target_parameters`` (HF module path of the experts module, its parameter).
+EXPERT_PARAMETERS: dict[str, tuple[str, str]] = {
+    "experts.gate_up_proj": ("mlp.experts", "mlp.experts.gate_up_proj"),
+    "experts.down_proj": ("mlp.experts", "mlp.experts.down_proj"),
 }

@@ -119,12 +119,25 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class AttentionContext(NamedTuple):
-    """What every layer's attention shares: rotary tables and the boolean mask [B, S_q, S_kv]."""
+    """What every layer's attention shares: rotary tables and the boolean mask [B, S_q, S_kv].
+
+    ``masks`` holds one mask per attention window the model's layers use (:func:`window_key`); each block picks
+    its own into ``mask``.
+    """
 
     cos: jax.Array
     sin: jax.Array
-    mask: jax.Array
+    mask: jax.Array | None
     cache_index: jax.Array | None = None  # scalar int: where new keys are written in the KV cache
+    masks: dict | None = None
+
+    def for_window(self, window: int | None) -> AttentionContext:
+        return self._replace(mask=self.masks[window_key(window)]) if self.masks else self
+
+
+def window_key(window: int | None) -> str:
+    """Key of a window's mask in :attr:`AttentionContext.masks` ("full" for full attention)."""
+    return "full" if window is None else f"window{window}"
 
 
 class Attention(nnx.Module):
@@ -246,10 +259,10 @@ swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class MLP(nnx.Module):
-    """Gated SiLU MLP: down(silu(gate(x)) * up(x))."""
+    """Gated SiLU MLP: down(silu(gate(x)) * up(x)); ``width`` defaults to the config's intermediate size."""
 
-    def __init__(self, cfg: ModelConfig, *, stack=(), dtype, rngs):
-        c, i, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+    def __init__(self, cfg: ModelConfig, *, width: int | None = None, stack=(), dtype, rngs):
+        c, i, bias = cfg.hidden_size, width or cfg.intermediate_size, cfg.mlp_bias
         self.gate_proj = Linear(c, i, bias=bias, axes=("fsdp", "tp"), stack=stack, dtype=dtype, rngs=rngs)
         self.up_proj = Linear(c, i, bias=bias, axes=("fsdp", "tp"), stack=stack, dtype=dtype, rngs=rngs)
         self.down_proj = Linear(i, c, bias=bias, axes=("tp", "fsdp"), stack=stack, dtype=dtype, rngs=rngs)

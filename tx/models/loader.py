@@ -20,7 +20,8 @@ from tx import hub
 from tx.errors import CheckpointError
 from tx.models.config import ModelConfig, load_config
 from tx.models.decoder import CausalLM
-from tx.models.families import GLOBAL_WEIGHTS, LAYER_WEIGHTS
+from tx.models.families import GLOBAL_WEIGHTS, block_weights, family_named
+from tx.models.segments import plan_segments
 from tx.safetensors_io import open_checkpoint
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -39,17 +40,56 @@ def abstract_model(cfg: ModelConfig, dtype=jnp.float32) -> CausalLM:
     return nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
 
 
-def weight_plan(cfg: ModelConfig, state: nnx.State) -> dict[str, list[str] | str]:
-    """tx parameter path -> HF key (global) or list of HF keys, one per layer (stacked)."""
-    params = {".".join(str(p) for p in path) for path, _ in nnx.to_flat_state(state)}
-    plan: dict[str, list[str] | str] = {}
+Fill = tuple[str, tuple]  # (HF key, index into the tx parameter it fills: layer, expert, rows)
+
+
+def weight_plan(cfg: ModelConfig, state: nnx.State) -> dict[str, list[Fill]]:
+    """tx parameter path -> the HF tensors that fill it and where (see :mod:`tx.models.families`)."""
+    flat = {".".join(str(p) for p in path): var for path, var in nnx.to_flat_state(state)}
+    family = family_named(cfg.family)
+    plan: dict[str, list[Fill]] = {}
     for hf, tx_path in GLOBAL_WEIGHTS.items():
-        if tx_path in params:
-            plan[tx_path] = hf
-    for hf, tx_path in LAYER_WEIGHTS.items():
-        if tx_path in params:
-            plan[tx_path] = [hf.format(i=i) for i in range(cfg.num_layers)]
+        if tx_path in flat:
+            plan[tx_path] = [(hf, ())]
+    for prefix, block, layer_ids in block_layout(cfg):
+        for suffix, spec in block_weights(family, block).items():
+            tx_path = ".".join(map(str, prefix)) + "." + spec.tx_path
+            if tx_path not in flat:
+                continue
+            shape = flat[tx_path].shape
+            rows = () if spec.rows is None else (_rows(shape, spec.rows),)
+            fills = plan.setdefault(tx_path, [])
+            for r, layer in enumerate(layer_ids):
+                key = f"model.layers.{layer}.{suffix}"
+                if "{j}" in suffix:
+                    fills += [(key.format(j=j), (r, j, *rows)) for j in range(cfg.moe.num_experts)]
+                else:
+                    fills.append((key, (r, *rows)))
     return plan
+
+
+def _rows(shape, rows: tuple[int, int]) -> slice:
+    part, parts = rows
+    n = shape[-2] // parts
+    return slice(part * n, (part + 1) * n)
+
+
+def indexed_shape(shape: tuple[int, ...], index: tuple) -> tuple[int, ...]:
+    """The shape of ``array[index]`` for an array of ``shape`` (ints drop an axis, slices shorten it)."""
+    out = []
+    for dim, i in zip(shape, index):
+        if isinstance(i, slice):
+            out.append(len(range(*i.indices(dim))))
+    return (*out, *shape[len(index) :])
+
+
+def block_layout(cfg: ModelConfig):
+    """(tx path, BlockSpec, layer ids) of every block, as :class:`~tx.models.decoder.CausalLM` builds them."""
+    out = []
+    for k, plan in enumerate(plan_segments(cfg.layer_specs)):
+        for u, spec in enumerate(plan.unit):
+            out.append((("segments", k, "blocks", u), spec, plan.layer_ids(u)))
+    return out
 
 
 def load_model(name_or_path: str | os.PathLike, *, dtype="float32", mesh=None, check_finite: bool = True) -> CausalLM:
@@ -71,12 +111,12 @@ def load_model(name_or_path: str | os.PathLike, *, dtype="float32", mesh=None, c
 
     with open_checkpoint(folder) as where:
         _check_keys(folder, cfg, plan, flat, by_path, where)
-        for tx_path, hf in plan.items():
+        for tx_path, fills in plan.items():
             var = flat[by_path[tx_path]]
             buf = np.empty(var.shape, dtype=np.dtype(dtype))
-            for i, key in enumerate([hf] if isinstance(hf, str) else hf):
+            for key, index in fills:
                 src = where[key].get(key)
-                dst = buf if isinstance(hf, str) else buf[i]
+                dst = buf[index]
                 np.copyto(dst, src, casting="unsafe")
                 del src
                 where[key].release(key)
@@ -97,11 +137,10 @@ def load_model(name_or_path: str | os.PathLike, *, dtype="float32", mesh=None, c
 def _check_keys(folder: Path, cfg, plan, flat, by_path, where) -> None:
     problems = []
     expected = set()
-    for tx_path, hf in plan.items():
+    for tx_path, fills in plan.items():
         shape = flat[by_path[tx_path]].shape
-        keys = [hf] if isinstance(hf, str) else hf
-        want = shape if isinstance(hf, str) else shape[1:]
-        for key in keys:
+        for key, index in fills:
+            want = indexed_shape(shape, index)
             expected.add(key)
             if key not in where:
                 problems.append(f"missing tensor {key!r} (expected shape {tuple(want)})")
