@@ -27,10 +27,12 @@ from flax import nnx
 
 from tx.adapters.connector import Connector, ConnectorConfig, ConnectorParam, FrozenConnectorParam, StreamEdges
 from tx.adapters.lora import ALL_LINEAR, LoRAConfig, LoRALinear, LoRAParam, merge
+from tx.adapters.lora_experts import LoRAExperts, merge_experts
 from tx.errors import AdapterError, ConfigError
 from tx.models.block import Block
-from tx.models.families import LINEAR_MODULES
+from tx.models.families import EXPERT_PARAMETERS, LINEAR_MODULES
 from tx.models.layers import Linear
+from tx.models.moe import ExpertLinear
 
 TRAINABLE = nnx.Any(LoRAParam, ConnectorParam)
 """nnx filter of the adapter state the trainer updates: LoRA matrices and trainable connector variables."""
@@ -45,19 +47,28 @@ class LinearSite:
     """One linear projection of a stacked block: short name, HF sub-path, where it sits in the tx model and which
     global layers its stack holds (stack index ``k`` is layer ``layer_ids[k]``)."""
 
-    name: str  # "q_proj"
-    hf_module: str  # "self_attn.q_proj" (inside model.layers.{i})
+    name: str  # "q_proj"; "experts.gate_up_proj" for an expert tensor
+    hf_module: str  # "self_attn.q_proj" (inside model.layers.{i}); "mlp.experts" for an expert tensor
     tx_path: tuple  # ("segments", 0, "blocks", 0, "attn", "q_proj")
     layer_ids: tuple[int, ...]
+    param: str | None = None  # the expert tensor's parameter name in HF ("gate_up_proj"); None: a Linear module
 
     def hf_path(self, k: int) -> str:
         """HF module path of stack index ``k``."""
         return f"model.layers.{self.layer_ids[k]}.{self.hf_module}"
 
+    def param_path(self, k: int) -> str:
+        """HF parameter path of stack index ``k`` (what PEFT's ``target_parameters`` match)."""
+        return f"{self.hf_path(k)}.{self.param or 'weight'}"
+
+    @property
+    def is_experts(self) -> bool:
+        return self.param is not None
+
 
 def linear_sites(model) -> list[LinearSite]:
-    """Every block's linear projections present in this model: blocks in model order, then :data:`LINEAR_MODULES`
-    order."""
+    """Every block's linear projections and expert tensors present in this model: blocks in model order, then
+    :data:`LINEAR_MODULES` order, then the expert tensors."""
     from tx.models.decoder import blocks
 
     sites = []
@@ -66,7 +77,16 @@ def linear_sites(model) -> list[LinearSite]:
             path = (*prefix, *tx_rel.split("."))
             if isinstance(module_at(model, path), Linear | LoRALinear):
                 sites.append(LinearSite(name, hf_module, path, layer_ids))
+        for name, (hf_module, tx_rel) in EXPERT_PARAMETERS.items():
+            path = (*prefix, *tx_rel.split("."))
+            if isinstance(module_at(model, path), ExpertLinear | LoRAExperts):
+                sites.append(LinearSite(name, hf_module, path, layer_ids, param=name.rpartition(".")[2]))
     return sites
+
+
+def _paths(site: LinearSite, k: int) -> tuple[str, ...]:
+    """The HF paths a ``targets`` entry may match: the module, and for an expert tensor the parameter too."""
+    return (site.hf_path(k), site.param_path(k)) if site.is_experts else (site.hf_path(k),)
 
 
 def module_at(model, path: tuple):
@@ -86,16 +106,23 @@ def set_module_at(model, path: tuple, value) -> None:
 
 
 def _matcher(spec):
-    """Callable (hf module path) -> bool for a list of names (exact or ``.name`` suffix, as PEFT) or a regex."""
+    """Callable (hf paths) -> bool for a list of names (exact or ``.name`` suffix, as PEFT) or a regex; true when
+    any of the paths matches."""
     if isinstance(spec, str):
         pattern = re.compile(spec)
-        return lambda path: pattern.fullmatch(path) is not None
-    return lambda path: any(path == s or path.endswith("." + s) for s in spec)
+        return lambda paths: any(pattern.fullmatch(p) is not None for p in paths)
+    return lambda paths: any(p == s or p.endswith("." + s) for s in spec for p in paths)
 
 
 def _no_match_error(what: str, spec, missing, sites, num_layers: int) -> ConfigError:
     names = ", ".join(dict.fromkeys(s.name for s in sites))
     example = sites[0].hf_path(0) if sites else "model.layers.0.self_attn.q_proj"
+    experts = [s for s in sites if s.is_experts]
+    if experts:
+        names += (
+            f" (expert tensors: target 'experts' for both, or {experts[0].name!r}; as parameters "
+            f"{experts[0].param_path(0)!r})"
+        )
     if isinstance(spec, str):
         head = f"LoRA {what} regex {spec!r} matches no module"
     else:
@@ -108,9 +135,11 @@ def _no_match_error(what: str, spec, missing, sites, num_layers: int) -> ConfigE
 
 def resolve_targets(config: LoRAConfig, sites: list[LinearSite], num_layers: int) -> dict[tuple, np.ndarray]:
     """Site tx path -> 0/1 mask [stack] of the stacked layers where it gets LoRA (only sites with some 1s)."""
-    paths = [(s, k, s.hf_path(k)) for s in sites for k in range(len(s.layer_ids))]
+    paths = [(s, k, _paths(s, k)) for s in sites for k in range(len(s.layer_ids))]
     if config.targets == ALL_LINEAR:
         chosen = {(s.tx_path, k) for s, k, _ in paths}
+    elif not config.targets and config.target_parameters:
+        chosen = set()
     else:
         match = _matcher(config.targets)
         chosen = {(s.tx_path, k) for s, k, p in paths if match(p)}
@@ -121,6 +150,13 @@ def resolve_targets(config: LoRAConfig, sites: list[LinearSite], num_layers: int
             missing = [t for t in config.targets if not any(_matcher((t,))(p) for _, _, p in paths)]
             if missing:
                 raise _no_match_error("targets", config.targets, missing, sites, num_layers)
+    if config.target_parameters:
+        params = [(s, k, (s.param_path(k),)) for s in sites for k in range(len(s.layer_ids))]
+        missing = [t for t in config.target_parameters if not any(_matcher((t,))(p) for _, _, p in params)]
+        if missing:
+            raise _no_match_error("target_parameters", config.target_parameters, missing, sites, num_layers)
+        match = _matcher(config.target_parameters)
+        chosen |= {(s.tx_path, k) for s, k, p in params if match(p)}
     if config.exclude:
         drop = _matcher(config.exclude)
         if isinstance(config.exclude, str):
@@ -153,15 +189,15 @@ def resolve_targets(config: LoRAConfig, sites: list[LinearSite], num_layers: int
 
 
 def has_lora(model) -> bool:
-    return any(isinstance(m, LoRALinear) for _, m in nnx.iter_modules(model))
+    return any(isinstance(m, LoRALinear | LoRAExperts) for _, m in nnx.iter_modules(model))
 
 
-def lora_modules(model) -> list[tuple[LinearSite, LoRALinear]]:
-    """(site, LoRALinear) for every adapted projection, in :data:`LINEAR_MODULES` order."""
+def lora_modules(model) -> list[tuple[LinearSite, LoRALinear | LoRAExperts]]:
+    """(site, LoRALinear or LoRAExperts) for every adapted projection, in :func:`linear_sites` order."""
     out = []
     for site in linear_sites(model):
         module = module_at(model, site.tx_path)
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LoRALinear | LoRAExperts):
             out.append((site, module))
     return out
 
@@ -226,16 +262,13 @@ def attach(model, *, lora: LoRAConfig | None = None, connector: ConnectorConfig 
         for index, site in enumerate(sites):
             if site.tx_path not in masks:
                 continue
-            wrapped = LoRALinear(
-                module_at(model, site.tx_path),
-                name=site.name,
-                rank=lora.rank,
-                scale=lora.scale,
-                key=jax.random.fold_in(root, index),
-                init=lora.init,
-                mask=masks[site.tx_path],
-                dropout=lora.dropout,
-            )
+            rank, scale = _rank_and_scale(lora, site, masks[site.tx_path])
+            common = dict(name=site.name, rank=rank, scale=scale, key=jax.random.fold_in(root, index), init=lora.init)
+            base = module_at(model, site.tx_path)
+            if site.is_experts:
+                wrapped = LoRAExperts(base, mask=masks[site.tx_path], **common)
+            else:
+                wrapped = LoRALinear(base, mask=masks[site.tx_path], dropout=lora.dropout, **common)
             set_module_at(model, site.tx_path, wrapped)
         model.lora_config = lora
     if connector is not None:
@@ -249,6 +282,18 @@ def attach(model, *, lora: LoRAConfig | None = None, connector: ConnectorConfig 
             model.streams = StreamEdges(connector.expansion_rate)
         model.connector_config = connector
     return model
+
+
+def _rank_and_scale(lora: LoRAConfig, site: LinearSite, mask) -> tuple[int, float]:
+    """One (rank, scale) for a stacked site, from ``rank_pattern`` / ``alpha_pattern`` on its adapted layers."""
+    path = site.param_path if site.is_experts else site.hf_path
+    values = {lora.rank_and_scale(path(int(k))) for k in np.flatnonzero(mask)}
+    if len(values) > 1:
+        raise ConfigError(
+            f"LoRA rank_pattern / alpha_pattern give {site.name} different ranks or alphas in different layers "
+            f"({sorted(values)}); tx needs one rank and alpha per module across the layers it adapts"
+        )
+    return values.pop()
 
 
 def detach(model):
@@ -276,14 +321,14 @@ def merge_lora(model):
     if not modules:
         raise AdapterError("the model has no LoRA to merge")
     for site, module in modules:
-        set_module_at(model, site.tx_path, merge(module))
+        set_module_at(model, site.tx_path, merge_experts(module) if site.is_experts else merge(module))
     model.lora_config = None
     return model
 
 
 def _adapter_modules(model):
     for _, module in nnx.iter_modules(model):
-        if isinstance(module, LoRALinear | Connector | StreamEdges):
+        if isinstance(module, LoRALinear | LoRAExperts | Connector | StreamEdges):
             yield module
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +81,11 @@ class LoRAConfig:
         use_rslora: rank-stabilised scaling ``alpha / sqrt(rank)``.
         init: "default" (PEFT: kaiming-uniform A, i.e. U(-1/sqrt(in), 1/sqrt(in))) or "gaussian" (A ~ N(0, 1/r)).
         seed: seeds A (and the dropout keys).
+        target_parameters: PEFT's ``target_parameters``: parameter paths (exact or ``.name`` suffix) adapted as
+            weights, e.g. ``experts.gate_up_proj`` or ``gate.weight`` (a MoE router). ``targets`` reach the same
+            tensors by module: ``experts`` (both expert tensors), ``gate_up_proj``, ``gate``.
+        rank_pattern / alpha_pattern: PEFT's per-module rank and alpha: {regex: value}, a key matching the end of a
+            module or parameter path (``.*\\.gate_up_proj``) sets that module's rank / alpha.
     """
 
     rank: int = 8
@@ -92,6 +97,9 @@ class LoRAConfig:
     use_rslora: bool = False
     init: str = "default"
     seed: int = 0
+    target_parameters: Sequence[str] = ()
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if isinstance(self.rank, bool) or not isinstance(self.rank, int | np.integer) or self.rank < 1:
@@ -123,11 +131,43 @@ class LoRAConfig:
             ):
                 raise ConfigError(f"LoRA layers must be None or a non-empty list of layer indices >= 0, got {layers!r}")
             object.__setattr__(self, "layers", tuple(sorted({int(i) for i in layers})))
+        if isinstance(self.target_parameters, str) or not all(isinstance(t, str) and t for t in self.target_parameters):
+            raise ConfigError(
+                f"LoRA target_parameters must be a list of parameter names (e.g. ['experts.gate_up_proj']), got "
+                f"{self.target_parameters!r}"
+            )
+        object.__setattr__(self, "target_parameters", tuple(self.target_parameters))
+        for what, pattern, kind in (
+            ("rank_pattern", self.rank_pattern, int),
+            ("alpha_pattern", self.alpha_pattern, float),
+        ):
+            if not isinstance(pattern, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+                for k, v in pattern.items()
+            ):
+                raise ConfigError(f"LoRA {what} must map regex strings to positive numbers, got {pattern!r}")
+            if kind is int and not all(isinstance(v, int) for v in pattern.values()):
+                raise ConfigError(f"LoRA rank_pattern values must be integers, got {pattern!r}")
+            object.__setattr__(self, what, dict(pattern))
 
     @property
     def scale(self) -> float:
         """The factor of ``B A``: alpha / r, or alpha / sqrt(r) for rsLoRA."""
         return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
+
+    def rank_and_scale(self, path: str) -> tuple[int, float]:
+        """(rank, scale) of the module or parameter at HF ``path``, after ``rank_pattern`` / ``alpha_pattern`` (the
+        first key whose regex matches the end of the path, as PEFT's ``get_pattern_key``)."""
+        rank = _pattern_value(self.rank_pattern, path, self.rank)
+        alpha = _pattern_value(self.alpha_pattern, path, self.alpha)
+        return rank, (alpha / math.sqrt(rank) if self.use_rslora else alpha / rank)
+
+
+def _pattern_value(pattern: Mapping, path: str, default):
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
 
 
 def init_lora_a(key: jax.Array, shape: tuple[int, ...], init: str) -> jax.Array:
