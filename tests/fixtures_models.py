@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 FAMILY_NAMES = ("llama", "llama3_tied", "qwen2", "qwen3", "mistral")
+# Mixture-of-experts families (tests/test_moe.py): >= 3 layers, 4+ experts, top-2, each with its layer pattern.
+MOE_FAMILY_NAMES = ("qwen3_moe", "qwen2_moe", "mixtral")
+MOE = dict(num_hidden_layers=5, intermediate_size=56, num_experts_per_tok=2)
 
 COMMON = dict(
     vocab_size=101,
@@ -45,6 +48,34 @@ def hf_config(family: str, **overrides):
         return T.Qwen3Config(**COMMON, head_dim=16, architectures=["Qwen3ForCausalLM"])
     if family == "mistral":
         return T.MistralConfig(**COMMON, sliding_window=5, architectures=["MistralForCausalLM"])
+    moe = {**COMMON, **MOE, **overrides}
+    if family == "qwen3_moe":  # D S D S D D (layer 5 in mlp_only_layers): segments [D S] x 2, [D] x 2
+        return T.Qwen3MoeConfig(
+            **{**moe, "num_hidden_layers": 6},
+            head_dim=12,
+            num_experts=5,
+            moe_intermediate_size=24,
+            decoder_sparse_step=2,
+            mlp_only_layers=[5],
+            norm_topk_prob=True,
+            architectures=["Qwen3MoeForCausalLM"],
+        )
+    if family == "qwen2_moe":  # every layer sparse, a gated shared expert, q/k/v bias, unnormalised top-k
+        return T.Qwen2MoeConfig(
+            **{**moe, "num_hidden_layers": 3},
+            num_experts=4,
+            moe_intermediate_size=20,
+            shared_expert_intermediate_size=36,
+            norm_topk_prob=False,
+            architectures=["Qwen2MoeForCausalLM"],
+        )
+    if family == "mixtral":  # every layer sparse, sliding window
+        return T.MixtralConfig(
+            **{**moe, "num_hidden_layers": 3, "intermediate_size": 28},
+            num_local_experts=4,
+            sliding_window=6,
+            architectures=["MixtralForCausalLM"],
+        )
     raise ValueError(family)
 
 

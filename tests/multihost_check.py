@@ -38,11 +38,11 @@ def main(mode, pid, port, folder, out, data, tok_folder):
         losses += [h["loss"] for h in result["history"] if "loss" in h]
     w = model.layers.mlp.up_proj.base.weight[...]
     lora_b = host_array(model.layers.mlp.up_proj.lora_b[...]).tolist()
-    from tx.adapters.attach import connector_modules
+    from tx.adapters.attach import connector_sites
     from tx.models.decoder import Residual, Streams
 
-    for name in connector_modules(model):  # plain residuals again; LoRA stays and is folded in by save_model
-        setattr(model.layers, name, Residual())
+    for name, block, _, _ in connector_sites(model):  # plain residuals again; LoRA stays, folded in by save_model
+        setattr(block, name, Residual())
     model.streams, model.connector_config = Streams(), None
     tx.save_model(model, str(out) + "-merged", max_shard_size="200KB")  # several shards and an index
     report = {

@@ -151,7 +151,10 @@ def test_resume_with_another_adapter_setup(folder, tok, data, run, tmp_path, set
 @pytest.mark.parametrize(
     "setup, lines",
     [
-        (dict(lora=4, connector=2), ["'lora:segments/0/blocks/0/attn/q_proj/lora_a' has shape (2, 2, 40), the model expects (2, 4"]),
+        (
+            dict(lora=4, connector=2),
+            ["'lora:segments/0/blocks/0/attn/q_proj/lora_a' has shape (2, 2, 40), the model expects (2, 4"],
+        ),
         (dict(lora=2, connector=None), ["unexpected 'connector:"]),
         (dict(lora=2, connector=3), ["'connector:segments/0/blocks/0/attn_residual/", "has shape"]),
     ],

@@ -23,6 +23,7 @@ from flax import nnx
 
 from tx.adapters.attach import has_connector, module_at
 from tx.adapters.lora import LoRALinear
+from tx.adapters.lora_experts import LoRAExperts
 from tx.errors import AdapterError, ConfigError
 from tx.multihost import agree, host_array, is_writer
 from tx.safetensors_io import NAMES, atomic_write_bytes, save_tensors
@@ -71,8 +72,8 @@ def _weight_entries(model) -> list[tuple[str, tuple[int, ...], np.dtype, Callabl
     for tx_path, fills in plan.items():
         *module_path, attr = tx_path.split(".")
         module = module_at(model, tuple(int(p) if p.isdigit() else p for p in module_path))
-        lora = module if isinstance(module, LoRALinear) and module.enabled and attr == "weight" else None
-        if isinstance(module, LoRALinear):
+        lora = module if isinstance(module, LoRALinear | LoRAExperts) and module.enabled and attr == "weight" else None
+        if isinstance(module, LoRALinear | LoRAExperts):
             module = module.base
         var = getattr(module, attr)
         layer = _LayerCache(var, lora)
@@ -89,7 +90,7 @@ class _LayerCache:
     """Produces ``var[index]`` with LoRA folded into layer ``index[0]``; keeps the last layer (the fills of one
     layer, e.g. every expert's parts, follow each other)."""
 
-    def __init__(self, var, lora: LoRALinear | None):
+    def __init__(self, var, lora: LoRALinear | LoRAExperts | None):
         self.var, self.lora, self.last = var, lora, (None, None)
 
     def __call__(self, index: tuple) -> np.ndarray:
@@ -99,13 +100,13 @@ class _LayerCache:
         return np.ascontiguousarray(self.last[1][index[1:]])
 
 
-def _folded(var, lora: LoRALinear | None, i: int) -> np.ndarray:
+def _folded(var, lora: LoRALinear | LoRAExperts | None, i: int) -> np.ndarray:
     w = host_array(var[i])
     if lora is None or lora.layer_mask[i] == 0:
         return w
     a = host_array(lora.lora_a[i]).astype(np.float32)
     b = host_array(lora.lora_b[i]).astype(np.float32)
-    return (w.astype(np.float32) + np.float32(lora.scale) * (b @ a)).astype(w.dtype)
+    return (w.astype(np.float32) + np.float32(lora.scale) * (b @ a)).astype(w.dtype)  # batched over experts too
 
 
 def _plan_shards(entries, limit: int) -> list[list[int]]:

@@ -36,6 +36,7 @@ from tx.adapters.attach import (
 )
 from tx.adapters.connector import ConnectorConfig
 from tx.adapters.lora import ALL_LINEAR, LoRAConfig
+from tx.adapters.lora_experts import a_from_peft, b_from_peft, to_peft
 from tx.errors import AdapterError, ConfigError
 from tx.jsonfile import read_json_object
 from tx.models.families import LINEAR_MODULES
@@ -52,13 +53,10 @@ PEFT_PREFIX = "base_model.model."
 _PEFT_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight")
 # PEFT options that change what the adapter computes and that tx does not implement: key -> "unset" test.
 _UNSUPPORTED = {
-    "rank_pattern": lambda v: not v,
-    "alpha_pattern": lambda v: not v,
     "use_dora": lambda v: not v,
     "bias": lambda v: v in (None, "none"),
     "modules_to_save": lambda v: not v,
     "fan_in_fan_out": lambda v: not v,
-    "target_parameters": lambda v: not v,
     "layer_replication": lambda v: not v,
     "lora_bias": lambda v: not v,
     "trainable_token_indices": lambda v: not v,
@@ -74,17 +72,23 @@ def _write_json(path: Path, data: dict) -> None:
 # ----------------------------------------------------------------------------------------------------- saving
 
 
-def peft_target_spec(model) -> tuple[list[str] | str, list[int] | None]:
-    """(target_modules, layers_to_transform) that make PEFT adapt exactly the modules and layers tx adapted.
+ROUTER = "gate"  # the MoE router's site name: PEFT adapts it as a parameter (transformers' router is no Linear)
 
-    When every adapted module covers the same layers: a list of names plus the layers (None = all). Otherwise
-    (e.g. a regex that picks q_proj in layer 0 and v_proj in layer 1) a regex of the exact HF module paths.
+
+def peft_target_spec(model) -> tuple[list[str] | str, list[int] | None, list[str]]:
+    """(target_modules, layers_to_transform, target_parameters) that make PEFT adapt exactly what tx adapted.
+
+    Linear modules: a list of names plus the layers (None = all) when PEFT's own matching of them gives exactly the
+    adapted modules, otherwise a regex of the exact HF module paths. Expert tensors and the router (parameters to
+    PEFT): short names (``experts.gate_up_proj``) when they cover every layer that has them, else full paths.
     """
     num_layers = model.config.num_layers
+    adapted = lora_modules(model)
+    _is_param_site = _param_site_rule(model)
     chosen = {
-        site.hf_path(int(k)) for site, m in lora_modules(model) for k in np.flatnonzero(m.layer_mask)
-    }  # the exact HF module paths tx adapted
-    sites = linear_sites(model)
+        site.hf_path(int(k)) for site, m in adapted if not _is_param_site(site) for k in np.flatnonzero(m.layer_mask)
+    }
+    sites = [s for s in linear_sites(model) if not _is_param_site(s)]
     every = [(site, k, site.hf_path(k)) for site in sites for k in range(len(site.layer_ids))]
     names = [n for n in LINEAR_MODULES if any(site.name == n and p in chosen for site, _, p in every)]
     layers = sorted({site.layer_ids[k] for site, k, p in every if p in chosen})
@@ -92,29 +96,95 @@ def peft_target_spec(model) -> tuple[list[str] | str, list[int] | None]:
     picked = {
         p for site, k, p in every if site.layer_ids[k] in layers and any(p == n or p.endswith("." + n) for n in names)
     }
-    if picked == chosen:
-        return names, (None if len(layers) == num_layers else layers)
-    by_module: dict[str, set[int]] = {}
-    for site, k, p in every:
-        if p in chosen:
-            by_module.setdefault(site.hf_module, set()).add(site.layer_ids[k])
-    parts = [
-        rf"model\.layers\.(?:{'|'.join(map(str, sorted(ids)))})\.{re.escape(module)}"
-        for module, ids in by_module.items()
-    ]
-    return "|".join(parts), None
+    if not chosen:
+        modules, layers_out = [], None
+    elif picked == chosen:
+        modules, layers_out = names, (None if len(layers) == num_layers else layers)
+    else:
+        by_module: dict[str, set[int]] = {}
+        for site, k, p in every:
+            if p in chosen:
+                by_module.setdefault(site.hf_module, set()).add(site.layer_ids[k])
+        parts = [
+            rf"model\.layers\.(?:{'|'.join(map(str, sorted(ids)))})\.{re.escape(module)}"
+            for module, ids in by_module.items()
+        ]
+        modules, layers_out = "|".join(parts), None
+    params_chosen = {
+        site.param_path(int(k)) for site, m in adapted if _is_param_site(site) for k in np.flatnonzero(m.layer_mask)
+    }
+    all_params = {s.param_path(k) for s in linear_sites(model) for k in range(len(s.layer_ids))}
+    short = sorted(
+        {
+            s.param_path(0).split(".", 3)[3].split(".", 1)[1]
+            if s.is_experts or s.name == ROUTER
+            else f"{s.hf_module}.weight"
+            for s, _ in adapted
+            if _is_param_site(s)
+        }
+    )  # "experts.gate_up_proj", "gate.weight", "mlp.gate_proj.weight"
+    matched = {p for p in all_params if any(p.endswith("." + n) for n in short)}
+    if layers_out is None and matched == params_chosen:
+        parameters = short
+    else:
+        parameters = sorted(params_chosen)
+    return modules, layers_out, parameters
+
+
+# Model types whose adapter configs PEFT (>= 0.18, with transformers 5) rewrites on load, taking these module
+# names in ``target_modules`` for transformers 4's per-expert linears: it moves them to the fused expert tensors
+# (doubling the rank of ``gate_up_proj``), so a dense MLP or shared expert named so would not be adapted. See
+# peft/utils/transformers_weight_conversion.py (_MOE_TARGET_MODULE_MAPPING). tx names such modules through
+# ``target_parameters`` (``mlp.gate_proj.weight``) instead: PEFT adapts the same weight, with the same keys.
+PEFT_REMAPPED_MODEL_TYPES = frozenset({"qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3", "olmoe"})
+PEFT_REMAPPED_NAMES = frozenset({"gate", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"})
+
+
+def _param_site_rule(model):
+    """Which sites PEFT adapts through ``target_parameters``: expert tensors and the router, and on the model types
+    above every linear whose name PEFT would remap."""
+    raw = getattr(model.config, "raw", None) or {}
+    remapped = raw.get("model_type") in PEFT_REMAPPED_MODEL_TYPES
+
+    def is_param_site(site) -> bool:
+        if site.is_experts or site.name == ROUTER:
+            return True
+        return remapped and site.hf_module.rpartition(".")[2] in PEFT_REMAPPED_NAMES
+
+    return is_param_site
+
+
+def _peft_module_key(site, k: int, adapted_params: set[str]) -> str:
+    """PEFT's module path of one layer's LoRA pair. PEFT nests one wrapper per adapted parameter of a module, in
+    the module's parameter order: with both expert tensors adapted, ``gate_up_proj`` sits in the inner wrapper
+    (``experts.base_layer``) and ``down_proj`` in the outer (``experts``)."""
+    if site.is_experts and site.param == "gate_up_proj" and "down_proj" in adapted_params:
+        return f"{site.hf_path(k)}.base_layer"
+    return site.hf_path(k)
+
+
+def _adapted_expert_params(model) -> dict[tuple[int, str], set[str]]:
+    """(layer, expert module path) -> names of its adapted expert tensors."""
+    out: dict[tuple[int, str], set[str]] = {}
+    for site, m in lora_modules(model):
+        if site.is_experts:
+            for k in np.flatnonzero(m.layer_mask):
+                out.setdefault((site.layer_ids[int(k)], site.hf_module), set()).add(site.param)
+    return out
 
 
 def peft_config(model) -> dict:
     """The ``adapter_config.json`` of the model's LoRA: only keys PEFT has read for a long time."""
     lora: LoRAConfig = model.lora_config
-    targets, layers = peft_target_spec(model)
+    targets, layers, parameters = peft_target_spec(model)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "r": lora.rank,
         "lora_alpha": lora.alpha,
-        "lora_dropout": lora.dropout,
+        # PEFT refuses lora_dropout != 0 with target_parameters (its ParamWrapper cannot drop out the input of a
+        # weight); dropout only acts in training, so the config PEFT reads says 0
+        "lora_dropout": 0.0 if parameters else lora.dropout,
         "target_modules": targets,
         "use_rslora": lora.use_rslora,
         "bias": "none",
@@ -127,6 +197,12 @@ def peft_config(model) -> dict:
     }
     if layers is not None:
         config["layers_to_transform"] = layers
+    if parameters:
+        config["target_parameters"] = parameters
+    ranks = {(m.rank, m.scale) for _, m in lora_modules(model)}
+    if ranks != {(lora.rank, lora.scale)}:  # per-module ranks (rank_pattern from a PEFT adapter): keep them
+        config["rank_pattern"] = dict(lora.rank_pattern)
+        config["alpha_pattern"] = dict(lora.alpha_pattern)
     return config
 
 
@@ -149,13 +225,17 @@ def save_adapter(model, path) -> Path:
     if folder.exists() and not folder.is_dir():
         raise AdapterError(f"{folder} is a file; save_adapter needs a folder")
     lora_tensors, conn_tensors = {}, {}  # gathered in every process (jax.distributed), written by process 0
+    expert_params = _adapted_expert_params(model)
     for site, module in modules:
         a = host_array(module.lora_a[...]).astype(np.float32)
         b = host_array(module.lora_b[...]).astype(np.float32)
         for i in np.flatnonzero(module.layer_mask):
-            key = PEFT_PREFIX + site.hf_path(int(i))
-            lora_tensors[f"{key}.lora_A.weight"] = a[i]
-            lora_tensors[f"{key}.lora_B.weight"] = b[i]
+            i = int(i)
+            adapted = expert_params.get((site.layer_ids[i], site.hf_module), set())
+            key = PEFT_PREFIX + _peft_module_key(site, i, adapted)
+            a_i, b_i = to_peft(a[i], b[i]) if site.is_experts else (a[i], b[i])
+            lora_tensors[f"{key}.lora_A.weight"] = a_i
+            lora_tensors[f"{key}.lora_B.weight"] = b_i
     conn_tensors = {key: value for key, (value, _) in _connector_tensors(model, gather=True).items()}
     if is_writer():
         try:
@@ -204,8 +284,13 @@ def lora_config_from_peft(data: dict, path: Path) -> LoRAConfig:
             f"{path}: layers_pattern {data['layers_pattern']!r} is not supported (tx models use 'layers')"
         )
     targets = data.get("target_modules")
-    if targets is None:
+    parameters = data.get("target_parameters") or []
+    if not isinstance(parameters, list) or not all(isinstance(t, str) for t in parameters):
+        raise AdapterError(f"{path}: target_parameters must be a list of parameter names, got {parameters!r}")
+    if targets is None and not parameters:
         raise AdapterError(f"{path}: target_modules is missing; cannot tell which modules the adapter adapts")
+    if targets is None:
+        targets = []
     if not isinstance(targets, str):
         if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
             raise AdapterError(
@@ -224,6 +309,9 @@ def lora_config_from_peft(data: dict, path: Path) -> LoRAConfig:
             layers=data.get("layers_to_transform"),
             dropout=data.get("lora_dropout", 0.0) or 0.0,
             use_rslora=bool(data.get("use_rslora", False)),
+            target_parameters=sorted(parameters),
+            rank_pattern=data.get("rank_pattern") or {},
+            alpha_pattern=data.get("alpha_pattern") or {},
         )
     except ConfigError as exc:
         raise AdapterError(f"{path}: {exc}") from None
@@ -300,11 +388,15 @@ def _non_finite(file: SafetensorsFile, keys) -> list[str]:
 
 
 def _load_lora(model, folder: Path, file: SafetensorsFile) -> None:
-    slots = {}  # (HF module path, "A"/"B") -> (variable, layer)
+    slots = {}  # (PEFT module path, "A"/"B") -> (variable, stack index, experts or 0)
+    expert_params = _adapted_expert_params(model)
     for site, module in lora_modules(model):
+        experts = module.base.weight.shape[-3] if site.is_experts else 0
         for i in np.flatnonzero(module.layer_mask):
-            slots[(site.hf_path(int(i)), "A")] = (module.lora_a, int(i))
-            slots[(site.hf_path(int(i)), "B")] = (module.lora_b, int(i))
+            i = int(i)
+            key = _peft_module_key(site, i, expert_params.get((site.layer_ids[i], site.hf_module), set()))
+            slots[(key, "A")] = (module.lora_a, i, experts)
+            slots[(key, "B")] = (module.lora_b, i, experts)
     found, problems = {}, []
     for key in file.keys():
         name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
@@ -317,8 +409,8 @@ def _load_lora(model, folder: Path, file: SafetensorsFile) -> None:
             problems.append(f"tensor {key!r} duplicates {found[slot]!r}")
             continue
         found[slot] = key
-        var, _ = slots[slot]
-        want, got = tuple(var.shape[1:]), tuple(file.shape(key))
+        var, _, experts = slots[slot]
+        want, got = _peft_shape(var.shape[1:], slot[1], experts), tuple(file.shape(key))
         if want != got:
             problems.append(f"tensor {key!r} has shape {got} but this model expects {want}")
     for (module, ab), _ in slots.items():
@@ -329,10 +421,13 @@ def _load_lora(model, folder: Path, file: SafetensorsFile) -> None:
         raise _problems_error(folder, ADAPTER_WEIGHTS, problems)
     by_var: dict[int, tuple[nnx.Variable, np.ndarray]] = {}
     for slot, key in found.items():
-        var, layer = slots[slot]
+        var, layer, experts = slots[slot]
         if id(var) not in by_var:
             by_var[id(var)] = (var, np.array(jax.device_get(var[...]), np.float32))
-        by_var[id(var)][1][layer] = file.get(key)
+        value = file.get(key)
+        if experts:
+            value = a_from_peft(value, experts) if slot[1] == "A" else b_from_peft(value, experts)
+        by_var[id(var)][1][layer] = value
     for var, value in by_var.values():
         _assign(var, value)
 
@@ -355,6 +450,17 @@ def _connector_tensors(model, gather: bool) -> dict[str, tuple[np.ndarray | tupl
                 value = (num_layers, *var.shape[1:])
             out[key] = (value, parts)
     return out
+
+
+def _peft_shape(shape: tuple, ab: str, experts: int) -> tuple:
+    """PEFT's shape of one layer's LoRA matrix: tx's own for a Linear; [r * E, in] / [out, r * E] for experts."""
+    if not experts:
+        return tuple(shape)
+    if ab == "A":
+        e, r, d_in = shape
+        return (r * e, d_in)
+    e, d_out, r = shape
+    return (d_out, r * e)
 
 
 def _load_connector(model, folder: Path, file: SafetensorsFile) -> None:

@@ -65,6 +65,18 @@ def _check_names(value, what: str) -> str | tuple[str, ...]:
     return tuple(value)
 
 
+class _Patterns(dict):
+    """A read-only, hashable {regex: value}: the config is static data of the model's graph, so it must hash."""
+
+    def __hash__(self):
+        return hash(tuple(self.items()))
+
+    def _read_only(self, *args, **kwargs):
+        raise TypeError("LoRAConfig patterns are read-only; build a new LoRAConfig")
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _read_only
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoRAConfig:
     """Which linear projections get LoRA and how (names follow PEFT's ``LoraConfig``).
@@ -148,7 +160,7 @@ class LoRAConfig:
                 raise ConfigError(f"LoRA {what} must map regex strings to positive numbers, got {pattern!r}")
             if kind is int and not all(isinstance(v, int) for v in pattern.values()):
                 raise ConfigError(f"LoRA rank_pattern values must be integers, got {pattern!r}")
-            object.__setattr__(self, what, dict(pattern))
+            object.__setattr__(self, what, _Patterns(pattern))
 
     @property
     def scale(self) -> float:

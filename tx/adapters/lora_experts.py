@@ -102,9 +102,11 @@ def to_peft(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return a.reshape(e * r, d_in), np.ascontiguousarray(b.transpose(1, 2, 0)).reshape(b.shape[1], r * e)
 
 
-def from_peft(lora_a: np.ndarray, lora_b: np.ndarray, experts: int) -> tuple[np.ndarray, np.ndarray]:
-    """The inverse of :func:`to_peft`."""
-    r = lora_a.shape[0] // experts
-    a = lora_a.reshape(experts, r, lora_a.shape[1])
-    b = lora_b.reshape(lora_b.shape[0], r, experts).transpose(2, 0, 1)
-    return a, np.ascontiguousarray(b)
+def a_from_peft(lora_a: np.ndarray, experts: int) -> np.ndarray:
+    """PEFT's ``lora_A [r * E, in]`` -> tx's ``[E, r, in]`` (the inverse of :func:`to_peft`)."""
+    return lora_a.reshape(experts, lora_a.shape[0] // experts, lora_a.shape[1])
+
+
+def b_from_peft(lora_b: np.ndarray, experts: int) -> np.ndarray:
+    """PEFT's ``lora_B [out, r * E]`` -> tx's ``[E, out, r]`` (the inverse of :func:`to_peft`)."""
+    return np.ascontiguousarray(lora_b.reshape(lora_b.shape[0], lora_b.shape[1] // experts, experts).transpose(2, 0, 1))
