@@ -14,12 +14,11 @@ import pytest
 import torch
 from fixtures_models import MOE_FAMILY_NAMES, make_checkpoint
 from safetensors.numpy import load_file, save_file
-from test_lora import hf_logits
 
 import tx
-from tx.generate import generate_ids
 from tx.adapters.attach import lora_modules
 from tx.errors import CheckpointError, ConfigError
+from tx.generate import generate_ids
 from tx.models.config import BlockSpec
 from tx.models.segments import plan_segments
 
