@@ -44,7 +44,8 @@ class Block(nnx.Module):
         self.mlp_residual = Residual()
 
     def __call__(self, x: jax.Array, ctx: AttentionContext, kv=None):
-        new_kv = []
+        """-> (x, this layer's (k, v), :class:`~tx.models.moe.RouterSums` of an MoE part or None)."""
+        new_kv, router = [], []
         ctx = ctx.for_window(self.spec.window)
 
         def attn_fn(h):
@@ -52,6 +53,13 @@ class Block(nnx.Module):
             new_kv.append(kv_out)
             return out
 
+        def mlp_fn(h):
+            if not isinstance(self.mlp, MoE):
+                return self.mlp(self.mlp_norm(h))
+            out, sums = self.mlp(self.mlp_norm(h), ctx.tokens)
+            router.append(sums)
+            return out
+
         x = self.attn_residual(x, attn_fn)
-        x = self.mlp_residual(x, lambda h: self.mlp(self.mlp_norm(h)))
-        return x, new_kv[0]
+        x = self.mlp_residual(x, mlp_fn)
+        return x, new_kv[0], (router[0] if router else None)

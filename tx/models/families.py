@@ -32,6 +32,7 @@ class WeightSpec:
 
     tx_path: str
     rows: tuple[int, int] | None = None
+    transpose: bool = False  # stored with the last two axes swapped (gpt-oss's experts: [E, in, out])
 
 
 def _experts_key(data: dict) -> str:
@@ -43,7 +44,7 @@ def _moe_qwen(data: dict, path: str) -> MoEConfig | None:
     if not data.get(_experts_key(data)):
         return None
     shared = int(data.get("shared_expert_intermediate_size") or 0)
-    return MoEConfig(
+    moe = MoEConfig(
         num_experts=_positive(data, _experts_key(data), path),
         top_k=_positive(data, "num_experts_per_tok", path),
         expert_size=_positive(data, "moe_intermediate_size", path),
@@ -52,16 +53,45 @@ def _moe_qwen(data: dict, path: str) -> MoEConfig | None:
         shared_expert_gate=shared > 0,
         router_aux_loss_coef=float(data.get("router_aux_loss_coef") or 0.0),
     )
+    return _checked(moe, data, path)
 
 
 def _moe_mixtral(data: dict, path: str) -> MoEConfig:
-    return MoEConfig(
+    moe = MoEConfig(
         num_experts=_positive(data, "num_local_experts", path),
         top_k=_positive(data, "num_experts_per_tok", path),
         expert_size=_positive(data, "intermediate_size", path),
         norm_topk_prob=True,  # Mixtral always renormalises the chosen weights
         router_aux_loss_coef=float(data.get("router_aux_loss_coef") or 0.0),
     )
+    return _checked(moe, data, path)
+
+
+def _moe_gpt_oss(data: dict, path: str) -> MoEConfig:
+    """gpt-oss: router and experts with biases, softmax over the top-k logits, clamped SwiGLU."""
+    moe = MoEConfig(
+        num_experts=_positive(data, "num_local_experts", path),
+        top_k=_positive(data, "num_experts_per_tok", path),
+        expert_size=_positive(data, "intermediate_size", path),
+        router="topk_softmax",
+        router_bias=True,
+        expert_bias=True,
+        activation="clamped_swiglu",
+        swiglu_alpha=float(data.get("swiglu_alpha", 1.702)),
+        swiglu_limit=float(data.get("swiglu_limit", 7.0)),
+        router_aux_loss_coef=float(data.get("router_aux_loss_coef") or 0.0),
+    )
+    return _checked(moe, data, path)
+
+
+def _checked(moe: MoEConfig, data: dict, path: str) -> MoEConfig:
+    """Options tx cannot run name their key and value."""
+    if moe.top_k > moe.num_experts:
+        raise CheckpointError(
+            f"{path}: 'num_experts_per_tok' ({moe.top_k}) exceeds the number of experts ({moe.num_experts}, "
+            f"{_experts_key(data)!r}); a token cannot choose more experts than exist"
+        )
+    return moe
 
 
 def _positive(data: dict, key: str, path: str) -> int:

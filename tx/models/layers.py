@@ -130,6 +130,7 @@ class AttentionContext(NamedTuple):
     mask: jax.Array | None
     cache_index: jax.Array | None = None  # scalar int: where new keys are written in the KV cache
     masks: dict | None = None
+    tokens: jax.Array | None = None  # [B, S] bool: the real (non-padding) tokens; what router statistics count
 
     def for_window(self, window: int | None) -> AttentionContext:
         return self._replace(mask=self.masks[window_key(window)]) if self.masks else self
