@@ -109,6 +109,20 @@ def _all_moe(data: dict, num_layers: int, window: int | None, path: str) -> tupl
     return (BlockSpec(mlp="moe", window=window),) * num_layers
 
 
+def _layer_types_moe(data: dict, num_layers: int, window: int | None, path: str) -> tuple[BlockSpec, ...]:
+    """Every layer MoE; ``layer_types`` picks sliding ("sliding_attention", the config's window) or full attention."""
+    types = data.get("layer_types") or ["full_attention"] * num_layers
+    known = ("sliding_attention", "full_attention")
+    if not isinstance(types, list) or len(types) != num_layers or any(t not in known for t in types):
+        raise CheckpointError(
+            f"{path}: 'layer_types' must list one of {known} per layer ({num_layers}), found {types!r}"
+        )
+    size = data.get("sliding_window")
+    if "sliding_attention" in types and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise CheckpointError(f"{path}: sliding layers need 'sliding_window' >= 1, found {size!r}")
+    return tuple(BlockSpec(mlp="moe", window=size if t == "sliding_attention" else None) for t in types)
+
+
 def _qwen_moe_layers(data: dict, num_layers: int, window: int | None, path: str) -> tuple[BlockSpec, ...]:
     """transformers' rule: layer i is sparse when it is not in ``mlp_only_layers``, experts exist and
     ``(i + 1) % decoder_sparse_step == 0``."""
@@ -137,6 +151,8 @@ class Family:
     moe: Callable[[dict, str], MoEConfig | None] | None = None
     layer_specs: Callable[[dict, int, int | None, str], tuple[BlockSpec, ...]] = _all_dense
     moe_weights: str = "qwen"  # which on-disk layout the experts use: a key of MOE_WEIGHTS
+    # HF module paths that differ from LINEAR_MODULES' (site name -> path inside model.layers.{i})
+    hf_modules: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -187,6 +203,15 @@ FAMILIES: tuple[Family, ...] = (
         moe=_moe_mixtral,
         layer_specs=_all_moe,
         moe_weights="mixtral",
+    ),
+    Family(
+        "gpt_oss",
+        ("GptOssForCausalLM",),
+        ("gpt_oss",),
+        moe=_moe_gpt_oss,
+        layer_specs=_layer_types_moe,
+        moe_weights="gpt_oss",
+        hf_modules={"gate": "mlp.router"},
     ),
 )
 
@@ -249,6 +274,14 @@ MOE_WEIGHTS: dict[str, dict[str, WeightSpec]] = {
         "mlp.shared_expert.up_proj.weight": WeightSpec("mlp.shared_expert.up_proj.weight"),
         "mlp.shared_expert.down_proj.weight": WeightSpec("mlp.shared_expert.down_proj.weight"),
         "mlp.shared_expert_gate.weight": WeightSpec("mlp.shared_expert_gate.weight"),
+    },
+    "gpt_oss": {  # fused on disk, [E, in, out] (or MXFP4 blocks of the transposed weight: see tx.models.mxfp4)
+        "mlp.router.weight": WeightSpec("mlp.router.weight"),
+        "mlp.router.bias": WeightSpec("mlp.router.bias"),
+        "mlp.experts.gate_up_proj": WeightSpec("mlp.experts.gate_up_proj.weight", transpose=True),
+        "mlp.experts.gate_up_proj_bias": WeightSpec("mlp.experts.gate_up_proj.bias"),
+        "mlp.experts.down_proj": WeightSpec("mlp.experts.down_proj.weight", transpose=True),
+        "mlp.experts.down_proj_bias": WeightSpec("mlp.experts.down_proj.bias"),
     },
     "mixtral": {
         "block_sparse_moe.gate.weight": WeightSpec("mlp.router.weight"),
