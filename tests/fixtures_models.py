@@ -145,11 +145,11 @@ def _dense_config(T, family: str, common: dict):
             logits_scaling=2.5,
             architectures=["GraniteForCausalLM"],
         )
-    if family == "smollm3":  # NoPE every 3rd layer, yarn rope: [R R N] x 2
-        rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 20000.0}
+    if family == "smollm3":  # NoPE layers, yarn rope: [R] x 2, [N R] x 2
+        rope = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16, "rope_theta": 20000.0}
         return T.SmolLM3Config(
             **{**common, "num_hidden_layers": 6},
-            no_rope_layers=[1, 1, 0, 1, 1, 0],
+            no_rope_layers=[1, 1, 0, 1, 0, 1],
             rope_parameters=rope,
             architectures=["SmolLM3ForCausalLM"],
         )
@@ -165,10 +165,11 @@ def hf_model(family: str, seed: int = 0, **overrides):
     cfg = hf_config(family, **overrides)
     cfg._attn_implementation = "eager"
     model = T.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    centre = 0.0 if family.startswith("gemma") else 1.0  # Gemma's norms scale by 1 + w: w is centred at 0
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+                p.copy_(centre + 0.2 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
             else:

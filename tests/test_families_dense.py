@@ -72,7 +72,7 @@ LAYOUT = {
     "olmo2": [[("default", None)]],
     "olmo3": [[("sliding_attention", 4)], [("full_attention", None)]],
     "granite": [[("default", None)]],
-    "smollm3": [[("default", None), ("default", None), (None, None)]],
+    "smollm3": [[("default", None)], [(None, None), ("default", None)]],
 }
 
 
