@@ -195,3 +195,47 @@ def test_generation_matches_transformers(dense_checkpoints, family):
             torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=7, do_sample=False, pad_token_id=0
         )
     assert got == want[:, 5:].tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["phi3", "gemma2"])
+def test_trainer_learns_with_fused_lora_and_soft_caps(tmp_path, family):
+    """The trainer on a fused-projection family (LoRA on qkv_proj / gate_up_proj) and a soft-capped one, with an
+    mhc connector: the loss falls and the base weights stay bit for bit."""
+    from fixtures_tokenizer import make_chatml_tokenizer
+
+    from tx.train.data import Dataset
+    from tx.train.trainer import TrainConfig, Trainer
+
+    make_chatml_tokenizer(tmp_path / "tok")
+    tok = tx.load_tokenizer(tmp_path / "tok")
+    folder, _ = make_checkpoint(family, tmp_path / family, vocab_size=tok.vocab_size)
+    model = tx.attach(
+        tx.load_model(folder),
+        lora=tx.LoRAConfig(rank=4, alpha=8),
+        connector=tx.ConnectorConfig(expansion_rate=2, kind="mhc"),
+    )
+    words = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree"]
+    rng = np.random.default_rng(0)
+    records = []
+    for _ in range(32):
+        w = list(rng.choice(words, size=3))
+        records.append(
+            {
+                "messages": [
+                    {"role": "user", "content": " ".join(w)},
+                    {"role": "assistant", "content": " ".join(w[::-1])},
+                ]
+            }
+        )
+    data = Dataset(records, tok, seq_len=48, batch_size=4, seed=0, vocab_size=tok.vocab_size)
+    site = "qkv_proj" if family == "phi3" else "q_proj"
+    lora = next(m for s, m in lora_modules(model) if s.name == site)
+    base_before = np.asarray(lora.base.weight[...]).copy()
+    trainer = Trainer(
+        model, TrainConfig(steps=16, lr=1e-2, schedule="constant", batch_size=4, seq_len=48, progress=False)
+    )
+    losses = [float(trainer.step(data.batch(i))["loss"]) for i in range(16)]
+    assert np.mean(losses[-4:]) < 0.9 * np.mean(losses[:4]), losses
+    np.testing.assert_array_equal(np.asarray(lora.base.weight[...]), base_before)
+    assert np.abs(np.asarray(lora.lora_b[...])).max() > 0
