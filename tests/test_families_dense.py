@@ -239,3 +239,39 @@ def test_trainer_learns_with_fused_lora_and_soft_caps(tmp_path, family):
     assert np.mean(losses[-4:]) < 0.9 * np.mean(losses[:4]), losses
     np.testing.assert_array_equal(np.asarray(lora.base.weight[...]), base_before)
     assert np.abs(np.asarray(lora.lora_b[...])).max() > 0
+
+
+def test_older_configs_without_layer_types():
+    """Gemma 3 configs of transformers 4 (``rope_theta``, ``rope_local_base_freq``, ``rope_scaling``,
+    ``sliding_window_pattern``, no ``layer_types``) and Gemma 2 ones get the families' default patterns."""
+    from tx.models.config import parse_config
+
+    base = dict(vocab_size=11, hidden_size=16, intermediate_size=8, num_attention_heads=2, head_dim=8)
+    cfg = parse_config(
+        {
+            **base,
+            "architectures": ["Gemma3ForCausalLM"],
+            "num_hidden_layers": 7,
+            "sliding_window": 5,
+            "sliding_window_pattern": 3,
+            "rope_theta": 1e6,
+            "rope_local_base_freq": 1e4,
+            "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+        }
+    )
+    assert [(s.window, s.rope) for s in cfg.layer_specs] == [
+        (5, "sliding_attention"),
+        (5, "sliding_attention"),
+        (None, "full_attention"),
+    ] * 2 + [(5, "sliding_attention")]
+    ropes = dict(cfg.ropes)
+    assert (ropes["full_attention"].kind, ropes["full_attention"].factor, ropes["full_attention"].theta) == (
+        "linear",
+        8.0,
+        1e6,
+    )
+    assert (ropes["sliding_attention"].kind, ropes["sliding_attention"].theta) == ("default", 1e4)
+    gemma2 = parse_config({**base, "architectures": ["Gemma2ForCausalLM"], "num_hidden_layers": 3, "sliding_window": 4})
+    assert [s.window for s in gemma2.layer_specs] == [4, None, 4]
+    assert (gemma2.attn_softcap, gemma2.final_softcap, gemma2.embed_scale) == (50.0, 30.0, 4.0)  # class defaults
+    assert gemma2.attn_scale == 256**-0.5 and cfg.attn_softcap is None

@@ -173,11 +173,14 @@ class CausalLM(nnx.Module):
             positions = positions_from_mask(attention_mask)
             if cache is not None:  # continue counting from the tokens already in the cache
                 positions = positions + jnp.sum(cache.valid, axis=-1, keepdims=True)
-        used = {spec.rope for spec in self.config.layer_specs} - {None}
+        kinds = {spec.rope for spec in self.config.layer_specs}
+        used = kinds - {None}
         ropes = {
             key: rope_tables(rope, self.config.head_dim, positions) for key, rope in self.config.ropes if key in used
         }
         cos, sin = next(iter(ropes.values())) if len(ropes) == 1 else (None, None)
+        if len(kinds) == 1:  # every layer alike: the tables in cos / sin, as one layer kind needs them
+            ropes = None
         windows = sorted({spec.window for spec in self.config.layer_specs}, key=lambda w: (w is not None, w or 0))
         if cache is None:
             idx = jnp.arange(s)

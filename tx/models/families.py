@@ -167,15 +167,21 @@ def _number(data: dict, key: str, path: str, default=None):
     return float(value)
 
 
-def _gemma_options(data: dict, path: str, hidden: int) -> dict:
-    scalar = _number(data, "query_pre_attn_scalar", path)
-    return dict(
-        embed_scale=float(hidden**0.5),
-        embed_scale_in_dtype=True,
-        attn_scale=None if scalar is None else scalar**-0.5,
-        attn_softcap=_number(data, "attn_logit_softcapping", path),
-        final_softcap=_number(data, "final_logit_softcapping", path),
-    )
+def _gemma_options(attn_softcap: float | None, final_softcap: float | None):
+    """Gemma's scalars; a key config.json lacks takes its transformers config class default (an explicit null:
+    no soft-cap)."""
+
+    def options(data: dict, path: str, hidden: int) -> dict:
+        scalar = _number(data, "query_pre_attn_scalar", path, 256)
+        return dict(
+            embed_scale=float(hidden**0.5),
+            embed_scale_in_dtype=True,
+            attn_scale=scalar**-0.5,
+            attn_softcap=_number(data, "attn_logit_softcapping", path, attn_softcap),
+            final_softcap=_number(data, "final_logit_softcapping", path, final_softcap),
+        )
+
+    return options
 
 
 def _granite_options(data: dict, path: str, hidden: int) -> dict:
@@ -275,7 +281,7 @@ FAMILIES: tuple[Family, ...] = (
         norm_placement="sandwich",
         norm_offset=1.0,
         norm_fp32_scale=True,
-        options=_gemma_options,
+        options=_gemma_options(50.0, 30.0),
         default_layer_types=_every("sliding_window_pattern", 2),
     ),
     Family(
@@ -289,7 +295,7 @@ FAMILIES: tuple[Family, ...] = (
         norm_placement="sandwich",
         norm_offset=1.0,
         norm_fp32_scale=True,
-        options=_gemma_options,
+        options=_gemma_options(None, None),
         rope_parameters=_gemma_ropes,
         default_layer_types=_every("sliding_window_pattern", 6),
     ),
