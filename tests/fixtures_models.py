@@ -8,6 +8,9 @@ FAMILY_NAMES = ("llama", "llama3_tied", "qwen2", "qwen3", "mistral")
 # Mixture-of-experts families (tests/test_moe.py): >= 3 layers, 4+ experts, top-2, each with its layer pattern.
 MOE_FAMILY_NAMES = ("qwen3_moe", "qwen2_moe", "mixtral")
 MOE = dict(num_hidden_layers=5, intermediate_size=56, num_experts_per_tok=2)
+# Dense families with other block shapes (tests/test_families_dense.py), each with its layer pattern.
+DENSE_FAMILY_NAMES = ("gemma2", "gemma3", "phi3", "olmo2", "olmo3", "granite", "smollm3")
+S, F = "sliding_attention", "full_attention"
 
 COMMON = dict(
     vocab_size=101,
@@ -48,6 +51,9 @@ def hf_config(family: str, **overrides):
         return T.Qwen3Config(**COMMON, head_dim=16, architectures=["Qwen3ForCausalLM"])
     if family == "mistral":
         return T.MistralConfig(**COMMON, sliding_window=5, architectures=["MistralForCausalLM"])
+    dense = _dense_config(T, family, COMMON)
+    if dense is not None:
+        return dense
     moe = {**COMMON, **MOE, **overrides}
     if family == "qwen3_moe":  # D S D S D D (layer 5 in mlp_only_layers): segments [D S] x 2, [D] x 2
         return T.Qwen3MoeConfig(
@@ -79,6 +85,77 @@ def hf_config(family: str, **overrides):
     raise ValueError(family)
 
 
+def _dense_config(T, family: str, common: dict):
+    """Configs of the dense families with other block shapes; None for another family."""
+    if family == "gemma2":  # sandwich norms, 1 + w, GeGLU, soft-caps, query_pre_attn_scalar, S F S F
+        return T.Gemma2Config(
+            **{**common, "num_hidden_layers": 4},
+            head_dim=12,
+            query_pre_attn_scalar=10,
+            attn_logit_softcapping=3.0,
+            final_logit_softcapping=4.0,
+            sliding_window=4,
+            layer_types=[S, F, S, F],
+            architectures=["Gemma2ForCausalLM"],
+        )
+    if family == "gemma3":  # + q/k norm, local rope base on sliding layers, linear rope on global ones: [S S F] x 2
+        ropes = {
+            F: {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
+            S: {"rope_type": "default", "rope_theta": 10_000.0},
+        }
+        return T.Gemma3TextConfig(
+            **{**common, "num_hidden_layers": 6},
+            head_dim=12,
+            query_pre_attn_scalar=12,
+            sliding_window=4,
+            layer_types=[S, S, F, S, S, F],
+            rope_parameters=ropes,
+            architectures=["Gemma3ForCausalLM"],
+        )
+    if family == "phi3":  # fused qkv / gate_up, longrope (long factors past 8 positions), partial rotary 0.6
+        rope = {
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": [1.0, 1.3, 2.1],
+            "long_factor": [1.7, 3.1, 5.3],
+            "partial_rotary_factor": 0.6,
+            "original_max_position_embeddings": 8,
+        }
+        return T.Phi3Config(
+            **{**common, "num_hidden_layers": 3},
+            rope_parameters=rope,
+            original_max_position_embeddings=8,
+            architectures=["Phi3ForCausalLM"],
+        )
+    if family == "olmo2":  # norms after the sublayer, q/k norm over the whole projection
+        return T.Olmo2Config(**{**common, "num_hidden_layers": 3}, architectures=["Olmo2ForCausalLM"])
+    if family == "olmo3":  # + sliding-window layers: [S S S F]
+        return T.Olmo3Config(
+            **{**common, "num_hidden_layers": 4},
+            sliding_window=4,
+            layer_types=[S, S, S, F],
+            architectures=["Olmo3ForCausalLM"],
+        )
+    if family == "granite":  # embedding, residual, attention multipliers and logits scaling
+        return T.GraniteConfig(
+            **{**common, "num_hidden_layers": 3},
+            embedding_multiplier=3.0,
+            residual_multiplier=0.4,
+            attention_multiplier=0.07,
+            logits_scaling=2.5,
+            architectures=["GraniteForCausalLM"],
+        )
+    if family == "smollm3":  # NoPE layers, yarn rope: [R] x 2, [N R] x 2
+        rope = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16, "rope_theta": 20000.0}
+        return T.SmolLM3Config(
+            **{**common, "num_hidden_layers": 6},
+            no_rope_layers=[1, 1, 0, 1, 0, 1],
+            rope_parameters=rope,
+            architectures=["SmolLM3ForCausalLM"],
+        )
+    return None
+
+
 def hf_model(family: str, seed: int = 0, **overrides):
     """A transformers model with every parameter random (norms and biases too), fp32, eager attention."""
     import torch
@@ -88,10 +165,11 @@ def hf_model(family: str, seed: int = 0, **overrides):
     cfg = hf_config(family, **overrides)
     cfg._attn_implementation = "eager"
     model = T.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    centre = 0.0 if family.startswith("gemma") else 1.0  # Gemma's norms scale by 1 + w: w is centred at 0
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+                p.copy_(centre + 0.2 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
             else:

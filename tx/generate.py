@@ -81,18 +81,36 @@ def generate_ids(
     eos = set(int(e) for e in eos_ids)
     out: list[list[int]] = [[] for _ in range(b)]
     done = np.zeros(b, bool)
+    switch = longrope_switch(model.config)
+    tokens = []
     for _ in range(max_new_tokens):
         key, sub = jax.random.split(key)
         token = sample(logits, sub, temperature, top_p)
         host = np.asarray(token)
+        tokens.append(host)
         for i in range(b):
             if not done[i]:
                 out[i].append(int(host[i]))
                 done[i] = int(host[i]) in eos
         if done.all():
             break
+        if switch is not None and n < switch + 1 and n + len(tokens) == switch + 1:
+            # longrope: the sequence now reaches past the original length, so its rope switches to the long
+            # factors; the cached keys were rotated with the short ones, so the whole sequence runs again (as
+            # transformers' Phi-3 does, dropping its cache at this point)
+            all_ids = np.concatenate([ids, np.stack(tokens, axis=1)], axis=1)
+            all_mask = np.concatenate([mask, np.ones((b, len(tokens)), np.int32)], axis=1)
+            cache = KVCache.create(model.config, b, total, model.dtype)
+            logits, cache = _prefill(graphdef, state, jnp.asarray(all_ids), jnp.asarray(all_mask), cache)
+            continue
         logits, cache = _decode(graphdef, state, token, cache)
     return out
+
+
+def longrope_switch(cfg) -> int | None:
+    """The original length past which a longrope model's rope switches to its long factors (None: no longrope)."""
+    lengths = [rope.original_max_positions for _, rope in cfg.ropes if rope.kind == "longrope"]
+    return min(lengths) if lengths else None
 
 
 def generate(

@@ -6,20 +6,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from tx.errors import CheckpointError
+from tx.errors import CheckpointError, ConfigError
 from tx.jsonfile import read_json_object
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class RopeConfig:
-    """Rotary embedding parameters. `kind` is one of "default", "linear", "llama3"."""
-
-    theta: float = 10000.0
-    kind: str = "default"
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_positions: int = 8192
+from tx.models.rope import RopeConfig, parse_rope  # noqa: F401 - RopeConfig: imported from here too
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,11 +43,13 @@ class BlockSpec:
     """What one decoder layer is made of. Hashable: layers with equal specs share one compiled layer.
 
     ``mlp``: "dense" (gated MLP) or "moe" (:class:`MoEConfig`). ``window``: this layer's sliding-window size
-    (None: full attention).
+    (None: full attention). ``rope``: key of this layer's rotary embedding in :attr:`ModelConfig.ropes` (None: the
+    layer has no rope, as SmolLM3's NoPE layers).
     """
 
     mlp: str = "dense"
     window: int | None = None
+    rope: str | None = "default"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -67,6 +58,22 @@ class ModelConfig:
 
     The per-family switches (`qkv_bias`, `o_bias`, `qk_norm`, ...) are filled in by the family
     table in :mod:`tx.models.families`; everything else comes from config.json.
+
+    Block options (defaults: a Llama block; an option left at its default adds no op):
+
+    - ``hidden_act``: "silu" (SwiGLU), "gelu_tanh" (GeGLU, Gemma), "gelu".
+    - ``norm_placement``: "pre" (``h + F(norm(h))``), "sandwich" (Gemma: ``h + post_norm(F(pre_norm(h)))``),
+      "post" (OLMo 2: ``h + norm(F(h))``). ``norm_offset`` 1.0: the norm scales by ``1 + w`` (Gemma);
+      ``norm_fp32_scale``: the scale multiplies in fp32 before the cast back (Gemma, OLMo 2).
+    - ``qk_norm_scope``: "head" (an RMSNorm over each head, Qwen3 / Gemma 3) or "proj" (over the whole q / k
+      projection, OLMo 2).
+    - ``fused_qkv`` / ``fused_gate_up``: one ``qkv_proj`` [(H + 2K) D, C] and one ``gate_up_proj`` [2I, C] (Phi-3).
+    - ``embed_scale``: embeddings times it (Gemma's sqrt(hidden), rounded to the compute dtype when
+      ``embed_scale_in_dtype``; Granite's ``embedding_multiplier`` in fp32). ``residual_multiplier``: each branch
+      times it (Granite). ``attn_scale``: the attention logit scale (None: head_dim ** -0.5).
+      ``attn_softcap`` / ``final_softcap``: ``cap * tanh(x / cap)`` on attention / final logits (Gemma 2).
+      ``logits_divisor``: final logits divided by it (Granite's ``logits_scaling``).
+    - ``ropes``: (key, :class:`RopeConfig`) per rope a layer may use (``BlockSpec.rope``); ``rope`` is the main one.
     """
 
     family: str
@@ -94,6 +101,21 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     torch_dtype: str | None = None
+    hidden_act: str = "silu"
+    norm_placement: str = "pre"
+    norm_offset: float = 0.0
+    norm_fp32_scale: bool = False
+    qk_norm_scope: str = "head"
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
+    embed_scale: float | None = None
+    embed_scale_in_dtype: bool = False
+    residual_multiplier: float | None = None
+    attn_scale: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    logits_divisor: float | None = None
+    ropes: tuple[tuple[str, RopeConfig], ...] = ()
     raw: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -101,6 +123,11 @@ class ModelConfig:
             object.__setattr__(self, "layer_specs", (BlockSpec(window=self.sliding_window),) * self.num_layers)
         if len(self.layer_specs) != self.num_layers:
             raise CheckpointError(f"{len(self.layer_specs)} layer specs for {self.num_layers} layers")
+        if not self.ropes:
+            object.__setattr__(self, "ropes", (("default", self.rope),))
+
+    def rope_for(self, key: str) -> RopeConfig:
+        return dict(self.ropes)[key]
 
 
 def read_config_json(folder: Path) -> dict[str, Any]:
@@ -130,31 +157,30 @@ def _get(data: dict, key: str, kind: type | tuple, path: str, default: Any = dat
     return value
 
 
-def parse_rope(data: dict, path: str) -> RopeConfig:
-    """Both layouts: transformers 5 ``rope_parameters`` and the older ``rope_theta`` + ``rope_scaling``."""
-    params = data.get("rope_parameters")
-    if isinstance(params, dict) and "full_attention" in params:  # per-layer-type layout
-        params = params["full_attention"]
+ACTIVATIONS = {  # config value -> tx's gated activation
+    "silu": "silu",
+    "swish": "silu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu": "gelu",
+}
+
+
+def parse_ropes(data: dict, family, head_dim: int, path: str) -> dict[str, RopeConfig]:
+    """Rope parameters -> {key: RopeConfig}: one "default" entry, or one per layer type when the config keys
+    ``rope_parameters`` by layer type (Gemma 3, OLMo 3: "full_attention", "sliding_attention")."""
+    params = family.rope_parameters(data) if family.rope_parameters else data.get("rope_parameters")
+    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+        return {k: parse_rope(v, data, head_dim, f"{path}: rope_parameters[{k!r}]") for k, v in params.items()}
     if not isinstance(params, dict):
         params = dict(data.get("rope_scaling") or {})
         params.setdefault("rope_theta", data.get("rope_theta", 10000.0))
-    kind = params.get("rope_type", params.get("type", "default")) or "default"
-    if kind not in ("default", "linear", "llama3"):
-        raise CheckpointError(f"{path}: rope type {kind!r} is not supported; supported: default, linear, llama3")
-    theta = params.get("rope_theta", data.get("rope_theta", 10000.0))
-    return RopeConfig(
-        theta=float(theta),
-        kind=kind,
-        factor=float(params.get("factor", 1.0)),
-        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_positions=int(params.get("original_max_position_embeddings", 8192)),
-    )
+    return {"default": parse_rope(params, data, head_dim, path)}
 
 
 def parse_config(data: dict[str, Any], path: str = "config.json") -> ModelConfig:
     """Build a :class:`ModelConfig` from a config.json dict; the family decides the switches."""
-    from tx.models.families import family_for
+    from tx.models.families import family_for, family_layer_types
 
     family = family_for(data, path)
     hidden = _get(data, "hidden_size", int, path)
@@ -169,13 +195,27 @@ def parse_config(data: dict[str, Any], path: str = "config.json") -> ModelConfig
         if hidden % heads:
             raise CheckpointError(f"{path}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
         head_dim = hidden // heads
-    act = data.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise CheckpointError(f"{path}: hidden_act {act!r} is not supported (tx's gated MLP uses silu)")
+    act = data.get(family.act_key, "silu")
+    if act not in ACTIVATIONS:
+        raise ConfigError(
+            f"{path}: {family.act_key} {act!r} is not supported; supported: {', '.join(ACTIVATIONS)} "
+            "(tx's MLP is gated: act(gate) * up)"
+        )
     window = data.get("sliding_window") if family.sliding_window_key(data) else None
     num_layers = _get(data, "num_hidden_layers", int, path)
     moe = family.moe(data, path) if family.moe else None
     specs = family.layer_specs(data, num_layers, int(window) if window else None, path)
+    ropes = parse_ropes(data, family, head_dim, path)
+    if "default" not in ropes:  # per layer type: each layer's rope is its type's
+        types = family_layer_types(family, data, num_layers, path)
+        missing = sorted({t for t in types if t not in ropes})
+        if missing:
+            raise CheckpointError(f"{path}: rope_parameters has no entry for layer types {missing}")
+        specs = tuple(
+            dataclasses.replace(spec, rope=t) if spec.rope is not None else spec for spec, t in zip(specs, types)
+        )
+    main = ropes.get("default") or ropes.get("full_attention") or next(iter(ropes.values()))
+    extra = family.options(data, path, hidden) if family.options else {}
     return ModelConfig(
         family=family.name,
         model_type=data.get("model_type", family.model_types[0]),
@@ -189,12 +229,20 @@ def parse_config(data: dict[str, Any], path: str = "config.json") -> ModelConfig
         head_dim=head_dim,
         rms_norm_eps=float(_get(data, "rms_norm_eps", (int, float), path, 1e-6)),
         max_positions=_get(data, "max_position_embeddings", int, path, 4096),
-        rope=parse_rope(data, path),
+        rope=main,
+        ropes=tuple(sorted(ropes.items())),
+        hidden_act=ACTIVATIONS[act],
         tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
         qkv_bias=family.qkv_bias(data),
         o_bias=family.o_bias(data),
         mlp_bias=bool(data.get("mlp_bias", False)),
         qk_norm=family.qk_norm,
+        norm_placement=family.norm_placement,
+        norm_offset=family.norm_offset,
+        norm_fp32_scale=family.norm_fp32_scale,
+        qk_norm_scope=family.qk_norm_scope,
+        fused_qkv=family.fused,
+        fused_gate_up=family.fused,
         sliding_window=int(window) if window else None,
         moe=moe,
         layer_specs=specs,
@@ -203,6 +251,7 @@ def parse_config(data: dict[str, Any], path: str = "config.json") -> ModelConfig
         pad_token_id=data.get("pad_token_id"),
         torch_dtype=data.get("dtype", data.get("torch_dtype")),
         raw=data,
+        **extra,
     )
 
 

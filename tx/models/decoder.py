@@ -28,9 +28,10 @@ from flax import nnx
 from tx.models import layer_scan
 from tx.models.block import Block, Residual  # noqa: F401 - Residual: the plain residual module, imported from here
 from tx.models.config import ModelConfig
-from tx.models.layers import AttentionContext, Embed, Linear, RMSNorm, rope_inv_freq, rope_tables, window_key
+from tx.models.layers import AttentionContext, Embed, Linear, norm, window_key
 from tx.models.matmul import einsum
 from tx.models.moe import RouterSums
+from tx.models.rope import rope_tables
 from tx.models.segments import SegmentPlan, plan_segments
 
 
@@ -121,7 +122,7 @@ class CausalLM(nnx.Module):
             [Segment(cfg, plan, dtype=dtype, rngs=rngs) for plan in plan_segments(cfg.layer_specs)]
         )
         self.streams = Streams()
-        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
+        self.norm = norm(cfg, cfg.hidden_size, dtype=dtype, rngs=rngs)
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -152,11 +153,30 @@ class CausalLM(nnx.Module):
 
     def project(self, hidden: jax.Array, out_dtype=None) -> jax.Array:
         """Final hidden states [..., C] -> logits [..., vocab] (tied or separate head) in ``out_dtype`` (default:
-        the hidden states' dtype; the loss asks for fp32, which costs no rounding pass over the logits)."""
+        the hidden states' dtype; the loss asks for fp32, which costs no rounding pass over the logits).
+        Granite's ``logits_divisor`` and Gemma 2's final soft-cap apply here."""
         if self.lm_head is None:
             lead = "abcdefgh"[: hidden.ndim - 1]
-            return einsum(f"{lead}c,vc->{lead}v", hidden, self.embed.embedding[...].astype(hidden.dtype), out_dtype)
-        return self.lm_head(hidden, out_dtype)
+            logits = einsum(f"{lead}c,vc->{lead}v", hidden, self.embed.embedding[...].astype(hidden.dtype), out_dtype)
+        else:
+            logits = self.lm_head(hidden, out_dtype)
+        cfg = self.config
+        if cfg.logits_divisor not in (None, 1.0):
+            logits = logits / jnp.asarray(cfg.logits_divisor, logits.dtype)
+        if cfg.final_softcap is not None:
+            cap = jnp.asarray(cfg.final_softcap, logits.dtype)
+            logits = jnp.tanh(logits / cap) * cap
+        return logits
+
+    def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
+        """Embeddings [B, S, C] in the compute dtype, times the family's scale (Gemma, Granite)."""
+        x = self.embed(input_ids).astype(self.dtype)
+        scale = self.config.embed_scale
+        if scale is None or scale == 1.0:
+            return x
+        if self.config.embed_scale_in_dtype:  # Gemma: sqrt(hidden) rounded to the compute dtype first
+            return x * jnp.asarray(scale, x.dtype)
+        return (x.astype(jnp.float32) * scale).astype(x.dtype)
 
     def forward(self, input_ids, attention_mask=None, positions=None, segment_ids=None, cache=None):
         """:meth:`hidden_states` plus the routing totals of the MoE layers over the real tokens
@@ -169,7 +189,14 @@ class CausalLM(nnx.Module):
             positions = positions_from_mask(attention_mask)
             if cache is not None:  # continue counting from the tokens already in the cache
                 positions = positions + jnp.sum(cache.valid, axis=-1, keepdims=True)
-        cos, sin = rope_tables(positions, rope_inv_freq(self.config.rope, self.config.head_dim))
+        kinds = {spec.rope for spec in self.config.layer_specs}
+        used = kinds - {None}
+        ropes = {
+            key: rope_tables(rope, self.config.head_dim, positions) for key, rope in self.config.ropes if key in used
+        }
+        cos, sin = next(iter(ropes.values())) if len(ropes) == 1 else (None, None)
+        if len(kinds) == 1:  # every layer alike: the tables in cos / sin, as one layer kind needs them
+            ropes = None
         windows = sorted({spec.window for spec in self.config.layer_specs}, key=lambda w: (w is not None, w or 0))
         if cache is None:
             idx = jnp.arange(s)
@@ -177,15 +204,15 @@ class CausalLM(nnx.Module):
                 window_key(w): attention_mask_matrix(idx, idx, attention_mask, segment_ids, segment_ids, w)
                 for w in windows
             }
-            ctx = AttentionContext(cos, sin, None, masks=masks, tokens=attention_mask)
+            ctx = AttentionContext(cos, sin, None, masks=masks, ropes=ropes, tokens=attention_mask)
         else:
             t = cache.valid.shape[1]
             q_idx = cache.index + jnp.arange(s)
             valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, cache.index))
             masks = {window_key(w): attention_mask_matrix(q_idx, jnp.arange(t), valid, window=w) for w in windows}
-            ctx = AttentionContext(cos, sin, None, cache.index, masks=masks, tokens=attention_mask)
+            ctx = AttentionContext(cos, sin, None, cache.index, masks=masks, ropes=ropes, tokens=attention_mask)
 
-        x = self.streams.expand(self.embed(input_ids).astype(self.dtype))
+        x = self.streams.expand(self.embed_tokens(input_ids))
         new_layers, router = [], None
         for k, segment in enumerate(self.segments):
             x, kv, sums = self._run_segment(segment, x, ctx, None if cache is None else cache.layers[k])

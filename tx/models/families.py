@@ -139,8 +139,112 @@ def _qwen_moe_layers(data: dict, num_layers: int, window: int | None, path: str)
     )
 
 
+def family_layer_types(family: Family, data: dict, num_layers: int, path: str) -> tuple[str, ...]:
+    """``layer_types`` of the config ("full_attention" / "sliding_attention" per layer), or the family's default
+    pattern when the config has none (older configs); all "full_attention" for a family without one."""
+    types = data.get("layer_types")
+    if types is None:
+        if family.default_layer_types is None:
+            return ("full_attention",) * num_layers
+        return tuple(family.default_layer_types(data, num_layers))
+    if not isinstance(types, list) or len(types) != num_layers or not all(isinstance(t, str) for t in types):
+        raise CheckpointError(f"{path}: 'layer_types' must be a list of {num_layers} strings, found {types!r}")
+    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise CheckpointError(
+            f"{path}: layer_types {unknown} are not supported; supported: 'full_attention', 'sliding_attention'"
+        )
+    return tuple(types)
+
+
+def _every(n_key: str, default: int):
+    """Default pattern: every ``n``-th layer full attention, the others sliding (Gemma 2 / 3, OLMo 3)."""
+
+    def pattern(data: dict, num_layers: int):
+        n = data.get(n_key) or default
+        return ["sliding_attention" if (i + 1) % n else "full_attention" for i in range(num_layers)]
+
+    return pattern
+
+
+def _typed_layers(data: dict, num_layers: int, window: int | None, path: str) -> tuple[BlockSpec, ...]:
+    """Dense layers whose window follows ``layer_types``: the config's ``sliding_window`` on sliding layers."""
+    family = family_for(data, path)
+    types = family_layer_types(family, data, num_layers, path)
+    if "sliding_attention" in types and family.sliding_window_key(data):
+        size = _positive(data, "sliding_window", path)
+    else:
+        size = None
+    return tuple(BlockSpec(window=size if t == "sliding_attention" else None) for t in types)
+
+
+def _smollm3_layers(data: dict, num_layers: int, window: int | None, path: str) -> tuple[BlockSpec, ...]:
+    """SmolLM3: ``no_rope_layers[i]`` 0 marks a layer without rope (NoPE); windows as ``layer_types``."""
+    flags = data.get("no_rope_layers")
+    if flags is None:
+        interval = data.get("no_rope_layer_interval") or 4
+        flags = [int((i + 1) % interval != 0) for i in range(num_layers)]
+    if not isinstance(flags, list) or len(flags) != num_layers or not all(f in (0, 1) for f in flags):
+        raise CheckpointError(f"{path}: 'no_rope_layers' must be a list of {num_layers} 0 / 1 flags, found {flags!r}")
+    specs = _typed_layers(data, num_layers, window, path)
+    return tuple(dataclasses.replace(s, rope=None) if not f else s for s, f in zip(specs, flags))
+
+
+def _gemma_ropes(data: dict) -> dict | None:
+    """Gemma 3's ropes per layer type; older configs: ``rope_theta`` (+ ``rope_scaling``) for full attention and
+    ``rope_local_base_freq`` for sliding layers."""
+    params = data.get("rope_parameters")
+    if isinstance(params, dict) and "full_attention" in params:
+        return params
+    full = dict(data.get("rope_scaling") or {})
+    full.setdefault("rope_theta", data.get("rope_theta", 1_000_000.0))
+    local = {"rope_type": "default", "rope_theta": data.get("rope_local_base_freq", 10_000.0)}
+    return {"full_attention": full, "sliding_attention": local}
+
+
+def _number(data: dict, key: str, path: str, default=None):
+    value = data.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise CheckpointError(f"{path}: {key!r} must be a positive number, found {value!r}")
+    return float(value)
+
+
+def _gemma_options(attn_softcap: float | None, final_softcap: float | None):
+    """Gemma's scalars; a key config.json lacks takes its transformers config class default (an explicit null:
+    no soft-cap)."""
+
+    def options(data: dict, path: str, hidden: int) -> dict:
+        scalar = _number(data, "query_pre_attn_scalar", path, 256)
+        return dict(
+            embed_scale=float(hidden**0.5),
+            embed_scale_in_dtype=True,
+            attn_scale=scalar**-0.5,
+            attn_softcap=_number(data, "attn_logit_softcapping", path, attn_softcap),
+            final_softcap=_number(data, "final_logit_softcapping", path, final_softcap),
+        )
+
+    return options
+
+
+def _granite_options(data: dict, path: str, hidden: int) -> dict:
+    return dict(
+        embed_scale=_number(data, "embedding_multiplier", path, 1.0),
+        residual_multiplier=_number(data, "residual_multiplier", path, 1.0),
+        attn_scale=_number(data, "attention_multiplier", path, 1.0),
+        logits_divisor=_number(data, "logits_scaling", path, 1.0),
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
+    """A family row. Block options (see :class:`~tx.models.config.ModelConfig`): ``norm_placement``,
+    ``norm_offset``, ``norm_fp32_scale``, ``qk_norm`` / ``qk_norm_scope``, ``fused`` (fused qkv and gate_up
+    projections); ``act_key``: the config key of the MLP activation; ``options(data, path, hidden)``: the family's
+    scalar options (scales, soft-caps, multipliers); ``rope_parameters(data)``: its per-layer-type rope dict;
+    ``default_layer_types``: its local / global pattern when config.json has no ``layer_types``."""
+
     name: str
     architectures: tuple[str, ...]
     model_types: tuple[str, ...]
@@ -151,6 +255,15 @@ class Family:
     moe: Callable[[dict, str], MoEConfig | None] | None = None
     layer_specs: Callable[[dict, int, int | None, str], tuple[BlockSpec, ...]] = _all_dense
     moe_weights: str = "qwen"  # which on-disk layout the experts use: a key of MOE_WEIGHTS
+    act_key: str = "hidden_act"
+    norm_placement: str = "pre"
+    norm_offset: float = 0.0
+    norm_fp32_scale: bool = False
+    qk_norm_scope: str = "head"
+    fused: bool = False
+    options: Callable[[dict, str, int], dict] | None = None
+    rope_parameters: Callable[[dict], dict | None] | None = None
+    default_layer_types: Callable[[dict, int], list[str]] | None = None
     # HF module paths that differ from LINEAR_MODULES' (site name -> path inside model.layers.{i})
     hf_modules: dict[str, str] = dataclasses.field(default_factory=dict)
 
@@ -213,6 +326,64 @@ FAMILIES: tuple[Family, ...] = (
         moe_weights="gpt_oss",
         hf_modules={"gate": "mlp.router"},
     ),
+    Family(
+        "gemma2",
+        ("Gemma2ForCausalLM",),
+        ("gemma2",),
+        sliding_window_key=lambda cfg: True,
+        layer_specs=_typed_layers,
+        act_key="hidden_activation",
+        norm_placement="sandwich",
+        norm_offset=1.0,
+        norm_fp32_scale=True,
+        options=_gemma_options(50.0, 30.0),
+        default_layer_types=_every("sliding_window_pattern", 2),
+    ),
+    Family(
+        "gemma3",
+        ("Gemma3ForCausalLM",),
+        ("gemma3_text",),
+        qk_norm=True,
+        sliding_window_key=lambda cfg: True,
+        layer_specs=_typed_layers,
+        act_key="hidden_activation",
+        norm_placement="sandwich",
+        norm_offset=1.0,
+        norm_fp32_scale=True,
+        options=_gemma_options(None, None),
+        rope_parameters=_gemma_ropes,
+        default_layer_types=_every("sliding_window_pattern", 6),
+    ),
+    Family("phi3", ("Phi3ForCausalLM",), ("phi3",), qkv_bias=lambda cfg: False, o_bias=lambda cfg: False, fused=True),
+    Family(
+        "olmo2",
+        ("Olmo2ForCausalLM",),
+        ("olmo2",),
+        qk_norm=True,
+        norm_placement="post",
+        norm_fp32_scale=True,
+        qk_norm_scope="proj",
+    ),
+    Family(
+        "olmo3",
+        ("Olmo3ForCausalLM",),
+        ("olmo3",),
+        qk_norm=True,
+        sliding_window_key=lambda cfg: True,
+        layer_specs=_typed_layers,
+        norm_placement="post",
+        norm_fp32_scale=True,
+        qk_norm_scope="proj",
+        default_layer_types=_every("sliding_window_pattern", 4),
+    ),
+    Family("granite", ("GraniteForCausalLM",), ("granite",), options=_granite_options),
+    Family(
+        "smollm3",
+        ("SmolLM3ForCausalLM",),
+        ("smollm3",),
+        sliding_window_key=lambda cfg: bool(cfg.get("use_sliding_window", False)),
+        layer_specs=_smollm3_layers,
+    ),
 )
 
 
@@ -240,9 +411,25 @@ def family_named(name: str) -> Family:
 
 # HF key below "model.layers.{i}." -> where it goes in a tx block. Weights keep HF's [out, in] layout (no
 # transpose on load, PEFT's layout for LoRA).
+NORM_WEIGHTS: dict[str, dict[str, WeightSpec]] = {
+    "pre": {
+        "input_layernorm.weight": WeightSpec("attn_norm.scale"),
+        "post_attention_layernorm.weight": WeightSpec("mlp_norm.scale"),
+    },
+    "sandwich": {
+        "input_layernorm.weight": WeightSpec("attn_norm.scale"),
+        "post_attention_layernorm.weight": WeightSpec("attn_post_norm.scale"),
+        "pre_feedforward_layernorm.weight": WeightSpec("mlp_norm.scale"),
+        "post_feedforward_layernorm.weight": WeightSpec("mlp_post_norm.scale"),
+    },
+    "post": {
+        "post_attention_layernorm.weight": WeightSpec("attn_post_norm.scale"),
+        "post_feedforward_layernorm.weight": WeightSpec("mlp_post_norm.scale"),
+    },
+}
 ATTENTION_WEIGHTS: dict[str, WeightSpec] = {
-    "input_layernorm.weight": WeightSpec("attn_norm.scale"),
-    "post_attention_layernorm.weight": WeightSpec("mlp_norm.scale"),
+    **NORM_WEIGHTS["pre"],
+    "self_attn.qkv_proj.weight": WeightSpec("attn.qkv_proj.weight"),
     "self_attn.q_proj.weight": WeightSpec("attn.q_proj.weight"),
     "self_attn.k_proj.weight": WeightSpec("attn.k_proj.weight"),
     "self_attn.v_proj.weight": WeightSpec("attn.v_proj.weight"),
@@ -255,6 +442,7 @@ ATTENTION_WEIGHTS: dict[str, WeightSpec] = {
     "self_attn.k_norm.weight": WeightSpec("attn.k_norm.scale"),
 }
 DENSE_MLP_WEIGHTS: dict[str, WeightSpec] = {
+    "mlp.gate_up_proj.weight": WeightSpec("mlp.gate_up_proj.weight"),
     "mlp.gate_proj.weight": WeightSpec("mlp.gate_proj.weight"),
     "mlp.up_proj.weight": WeightSpec("mlp.up_proj.weight"),
     "mlp.down_proj.weight": WeightSpec("mlp.down_proj.weight"),
@@ -300,18 +488,21 @@ GLOBAL_WEIGHTS: dict[str, str] = {
 def block_weights(family: Family, spec: BlockSpec) -> dict[str, WeightSpec]:
     """The weight map of one block: attention part + its MLP part."""
     mlp = MOE_WEIGHTS[family.moe_weights] if spec.mlp == "moe" else DENSE_MLP_WEIGHTS
-    return {**ATTENTION_WEIGHTS, **mlp}
+    attention = {k: v for k, v in ATTENTION_WEIGHTS.items() if "layernorm" not in k}
+    return {**NORM_WEIGHTS[family.norm_placement], **attention, **mlp}
 
 
 # The linear projections of a block, in HF module naming (as transformers names the modules in memory, which is
 # what PEFT targets): LoRA targets and the PEFT key layout use these. tx path relative to the block.
 LINEAR_MODULES: dict[str, tuple[str, str]] = {
+    "qkv_proj": ("self_attn.qkv_proj", "attn.qkv_proj"),  # fused (Phi-3): PEFT targets the fused module
     "q_proj": ("self_attn.q_proj", "attn.q_proj"),
     "k_proj": ("self_attn.k_proj", "attn.k_proj"),
     "v_proj": ("self_attn.v_proj", "attn.v_proj"),
     "o_proj": ("self_attn.o_proj", "attn.o_proj"),
     "gate_proj": ("mlp.gate_proj", "mlp.gate_proj"),
     "up_proj": ("mlp.up_proj", "mlp.up_proj"),
+    "gate_up_proj": ("mlp.gate_up_proj", "mlp.gate_up_proj"),
     "down_proj": ("mlp.down_proj", "mlp.down_proj"),
     "gate": ("mlp.gate", "mlp.router"),
     "shared_expert.gate_proj": ("mlp.shared_expert.gate_proj", "mlp.shared_expert.gate_proj"),

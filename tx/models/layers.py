@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tx.models.config import ModelConfig, RopeConfig
+from tx.models.config import ModelConfig
 from tx.models.matmul import einsum
+from tx.models.rope import apply_rope
 
 NEG_INF = -1e30  # finite, so fully masked rows (padding queries) give no NaN
 
@@ -72,50 +73,40 @@ class Embed(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """HF's RMSNorm: normalise in fp32, cast back to the input dtype, then scale."""
+    """HF's RMSNorm: normalise in fp32, cast back to the input dtype, then scale.
 
-    def __init__(self, dim: int, *, eps: float, stack=(), dtype, rngs):
-        self.scale = _param(rngs, (*stack, dim), (*("layers",) * len(stack), None), dtype, "ones")
+    ``offset`` 1.0: the scale is ``1 + w`` (Gemma; its weights start at 0). ``fp32_scale``: scale in fp32, then cast
+    (Gemma, OLMo 2), instead of casting first (Llama).
+    """
+
+    def __init__(self, dim: int, *, eps: float, stack=(), dtype, rngs, offset: float = 0.0, fp32_scale: bool = False):
+        init = "zeros" if offset else "ones"  # the identity scale either way
+        self.scale = _param(rngs, (*stack, dim), (*("layers",) * len(stack), None), dtype, init)
         self.eps = eps
+        self.offset = offset
+        self.fp32_scale = fp32_scale
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = x.astype(jnp.float32)
         h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
-        return self.scale[...].astype(x.dtype) * h.astype(x.dtype)
+        if self.fp32_scale:
+            w = self.scale[...].astype(jnp.float32)
+            return (((w + self.offset) if self.offset else w) * h).astype(x.dtype)
+        w = self.scale[...].astype(x.dtype)
+        return ((w + self.offset) if self.offset else w) * h.astype(x.dtype)
 
 
-def rope_inv_freq(rope: RopeConfig, head_dim: int) -> jax.Array:
-    """Inverse frequencies [head_dim // 2] in fp32, with "linear" or "llama3" scaling applied."""
-    inv = 1.0 / (rope.theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    if rope.kind == "linear":
-        inv = inv / rope.factor
-    elif rope.kind == "llama3":
-        low_wavelen = rope.original_max_positions / rope.low_freq_factor
-        high_wavelen = rope.original_max_positions / rope.high_freq_factor
-        wavelen = 2 * math.pi / inv
-        scaled = jnp.where(wavelen > low_wavelen, inv / rope.factor, inv)
-        smooth = (rope.original_max_positions / wavelen - rope.low_freq_factor) / (
-            rope.high_freq_factor - rope.low_freq_factor
-        )
-        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
-        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        inv = jnp.where(medium, smoothed, scaled)
-    return inv
-
-
-def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos, sin: [B, S, head_dim] in fp32 for integer positions [B, S]."""
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x: [B, S, heads, D]; rotate-half convention of Hugging Face."""
-    cos = cos[:, :, None, :].astype(x.dtype)
-    sin = sin[:, :, None, :].astype(x.dtype)
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+def norm(cfg: ModelConfig, dim: int, *, stack=(), dtype, rngs) -> RMSNorm:
+    """An RMSNorm with the family's offset and scale precision."""
+    return RMSNorm(
+        dim,
+        eps=cfg.rms_norm_eps,
+        stack=stack,
+        dtype=dtype,
+        rngs=rngs,
+        offset=cfg.norm_offset,
+        fp32_scale=cfg.norm_fp32_scale,
+    )
 
 
 class AttentionContext(NamedTuple):
@@ -125,15 +116,25 @@ class AttentionContext(NamedTuple):
     its own into ``mask``.
     """
 
-    cos: jax.Array
-    sin: jax.Array
+    cos: jax.Array | None
+    sin: jax.Array | None
     mask: jax.Array | None
     cache_index: jax.Array | None = None  # scalar int: where new keys are written in the KV cache
     masks: dict | None = None
+    ropes: dict | None = None  # rope key -> (cos, sin), one per rope the model's layers use
     tokens: jax.Array | None = None  # [B, S] bool: the real (non-padding) tokens; what router statistics count
 
     def for_window(self, window: int | None) -> AttentionContext:
         return self._replace(mask=self.masks[window_key(window)]) if self.masks else self
+
+    def for_layer(self, spec) -> AttentionContext:
+        """The context of a layer of :class:`~tx.models.config.BlockSpec` ``spec``: its window's mask and its rope
+        tables (None for a layer without rope)."""
+        ctx = self.for_window(spec.window)
+        if self.ropes is None:
+            return ctx
+        cos, sin = self.ropes[spec.rope] if spec.rope is not None else (None, None)
+        return ctx._replace(cos=cos, sin=sin)
 
 
 def window_key(window: int | None) -> str:
@@ -142,51 +143,75 @@ def window_key(window: int | None) -> str:
 
 
 class Attention(nnx.Module):
-    """Causal grouped-query attention with optional q/k RMSNorm (Qwen3) and a KV cache."""
+    """Causal grouped-query attention with a KV cache; optional q/k RMSNorm per head (Qwen3, Gemma 3) or over the
+    whole projection (OLMo 2), a fused ``qkv_proj`` (Phi-3), a logit scale and soft-cap (Gemma, Granite)."""
 
     def __init__(self, cfg: ModelConfig, *, stack=(), dtype, rngs):
         c, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = h, k, d
-        self.q_proj = Linear(c, h * d, bias=cfg.qkv_bias, axes=("fsdp", "tp"), stack=stack, dtype=dtype, rngs=rngs)
-        self.k_proj = Linear(c, k * d, bias=cfg.qkv_bias, axes=("fsdp", "tp"), stack=stack, dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(c, k * d, bias=cfg.qkv_bias, axes=("fsdp", "tp"), stack=stack, dtype=dtype, rngs=rngs)
-        self.o_proj = Linear(h * d, c, bias=cfg.o_bias, axes=("tp", "fsdp"), stack=stack, dtype=dtype, rngs=rngs)
+        self.scale, self.softcap = cfg.attn_scale, cfg.attn_softcap
+        lin = dict(stack=stack, dtype=dtype, rngs=rngs)
+        if cfg.fused_qkv:
+            self.qkv_proj = Linear(c, (h + 2 * k) * d, bias=cfg.qkv_bias, axes=("fsdp", "tp"), **lin)
+        else:
+            self.q_proj = Linear(c, h * d, bias=cfg.qkv_bias, axes=("fsdp", "tp"), **lin)
+            self.k_proj = Linear(c, k * d, bias=cfg.qkv_bias, axes=("fsdp", "tp"), **lin)
+            self.v_proj = Linear(c, k * d, bias=cfg.qkv_bias, axes=("fsdp", "tp"), **lin)
+        self.o_proj = Linear(h * d, c, bias=cfg.o_bias, axes=("tp", "fsdp"), **lin)
+        self.norm_whole = cfg.qk_norm_scope == "proj"
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(d, eps=cfg.rms_norm_eps, stack=stack, dtype=dtype, rngs=rngs)
-            self.k_norm = RMSNorm(d, eps=cfg.rms_norm_eps, stack=stack, dtype=dtype, rngs=rngs)
+            q_dim, k_dim = (h * d, k * d) if self.norm_whole else (d, d)
+            self.q_norm = norm(cfg, q_dim, **lin)
+            self.k_norm = norm(cfg, k_dim, **lin)
         else:
             self.q_norm = self.k_norm = None
+
+    def project_qkv(self, x: jax.Array):
+        if hasattr(self, "qkv_proj"):
+            qkv = self.qkv_proj(x)
+            q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            return qkv[..., :q_size], qkv[..., q_size : q_size + kv_size], qkv[..., q_size + kv_size :]
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def __call__(self, x: jax.Array, ctx: AttentionContext, kv=None):
         """x: [B, S, C] -> ([B, S, C], (k, v)); kv is this layer's cache [B, T, K, D] each, or None."""
         b, s, _ = x.shape
-        q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        q, k, v = self.project_qkv(x)
+        if self.q_norm is not None and self.norm_whole:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        q = q.reshape(b, s, self.num_heads, self.head_dim)
+        k = k.reshape(b, s, self.num_kv_heads, self.head_dim)
+        v = v.reshape(b, s, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and not self.norm_whole:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if ctx.cos is not None:
+            q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if kv is not None:
             start = (0, ctx.cache_index, 0, 0)
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
             kv = (k, v)
-        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), ctx.mask)
+        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), ctx.mask, scale=self.scale, softcap=self.softcap)
         return self.o_proj(out.reshape(b, s, -1)), kv
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale=None, softcap=None) -> jax.Array:
     """Softmax attention in fp32. q: [B, S, H, D], k/v: [B, T, K, D] with H = K * G, mask: [B, S, T].
 
-    On CPU: :func:`attend_einsum` (its backward keeps only the probabilities; measured faster there than
-    ``jax.nn.dot_product_attention``). On GPU/TPU: :func:`attend_fused`.
+    ``scale``: the logit scale (None: 1 / sqrt(D)); ``softcap``: logits become ``softcap * tanh(logits / softcap)``
+    before the mask (Gemma 2).
+
+    On CPU, and with a soft-cap: :func:`attend_einsum` (its backward keeps only the probabilities; measured faster
+    there than ``jax.nn.dot_product_attention``). On GPU/TPU: :func:`attend_fused`.
     """
-    if jax.default_backend() == "cpu":
-        return attend_einsum(q, k, v, mask)
-    return attend_fused(q, k, v, mask)
+    if jax.default_backend() == "cpu" or softcap is not None:
+        return attend_einsum(q, k, v, mask, scale, softcap)
+    return attend_fused(q, k, v, mask, scale=scale)
 
 
-def attend_fused(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementation=None) -> jax.Array:
+def attend_fused(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementation=None, scale=None
+) -> jax.Array:
     """``jax.nn.dot_product_attention`` with the same arguments as :func:`attend` (fp32 logits and softmax).
 
     On GPU with bf16/fp16 inputs it first asks for cuDNN's fused (flash) attention and falls back to XLA's
@@ -196,18 +221,23 @@ def attend_fused(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl
     cudnn = os.environ.get("TX_CUDNN_ATTENTION", "1") != "0" and jax.default_backend() == "gpu"
     if implementation is None and cudnn and q.dtype in (jnp.bfloat16, jnp.float16):
         try:
-            return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
+            return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation="cudnn")
         except Exception:  # noqa: BLE001 - any refusal at trace time means: use XLA's implementation
             pass
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation or "xla")
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask[:, None], scale=scale, implementation=implementation or "xla"
+    )
 
 
-def attend_einsum(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def attend_einsum(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale=None, softcap=None) -> jax.Array:
     """:func:`attend` as two einsums around :func:`masked_softmax`, grouped query heads without repeating k/v."""
     b, s, h, d = q.shape
     kh = k.shape[2]
     q = q.reshape(b, s, kh, h // kh, d)
-    scores = einsum("bskgd,btkd->bkgst", q, k, out_dtype=jnp.float32) / math.sqrt(d)
+    scores = einsum("bskgd,btkd->bkgst", q, k, out_dtype=jnp.float32)
+    scores = scores / math.sqrt(d) if scale is None else scores * scale
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
     probs = masked_softmax(scores, mask[:, None, None]).astype(v.dtype)
     out = einsum("bkgst,btkd->bskgd", probs, v)
     return out.reshape(b, s, h, d)
@@ -259,14 +289,40 @@ def _swiglu_bwd(res, g):
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
+def geglu(gate: jax.Array, up: jax.Array, approximate: bool = True) -> jax.Array:
+    """``gelu(gate) * up`` (tanh approximation: Gemma's ``gelu_pytorch_tanh``)."""
+    return jax.nn.gelu(gate, approximate=approximate) * up
+
+
+def gated(act: str):
+    """The gated activation ``act(gate) * up`` of a config's ``hidden_act``."""
+    if act == "silu":
+        return swiglu
+    if act == "gelu_tanh":
+        return geglu
+    return lambda gate, up: geglu(gate, up, approximate=False)
+
+
 class MLP(nnx.Module):
-    """Gated SiLU MLP: down(silu(gate(x)) * up(x)); ``width`` defaults to the config's intermediate size."""
+    """Gated MLP: down(act(gate(x)) * up(x)); ``width`` defaults to the config's intermediate size. With
+    ``fused_gate_up`` one ``gate_up_proj`` [2I, C] holds gate then up (Phi-3)."""
 
     def __init__(self, cfg: ModelConfig, *, width: int | None = None, stack=(), dtype, rngs):
         c, i, bias = cfg.hidden_size, width or cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = Linear(c, i, bias=bias, axes=("fsdp", "tp"), stack=stack, dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(c, i, bias=bias, axes=("fsdp", "tp"), stack=stack, dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(i, c, bias=bias, axes=("tp", "fsdp"), stack=stack, dtype=dtype, rngs=rngs)
+        lin = dict(stack=stack, dtype=dtype, rngs=rngs)
+        self.act = cfg.hidden_act
+        self.width = i
+        if cfg.fused_gate_up and width is None:
+            self.gate_up_proj = Linear(c, 2 * i, bias=bias, axes=("fsdp", "tp"), **lin)
+        else:
+            self.gate_proj = Linear(c, i, bias=bias, axes=("fsdp", "tp"), **lin)
+            self.up_proj = Linear(c, i, bias=bias, axes=("fsdp", "tp"), **lin)
+        self.down_proj = Linear(i, c, bias=bias, axes=("tp", "fsdp"), **lin)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        if hasattr(self, "gate_up_proj"):
+            h = self.gate_up_proj(x)
+            gate, up = h[..., : self.width], h[..., self.width :]
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(gated(self.act)(gate, up))
