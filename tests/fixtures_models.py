@@ -6,7 +6,7 @@ from pathlib import Path
 
 FAMILY_NAMES = ("llama", "llama3_tied", "qwen2", "qwen3", "mistral")
 # Mixture-of-experts families (tests/test_moe.py): >= 3 layers, 4+ experts, top-2, each with its layer pattern.
-MOE_FAMILY_NAMES = ("qwen3_moe", "qwen2_moe", "mixtral")
+MOE_FAMILY_NAMES = ("qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss")
 MOE = dict(num_hidden_layers=5, intermediate_size=56, num_experts_per_tok=2)
 # Dense families with other block shapes (tests/test_families_dense.py), each with its layer pattern.
 DENSE_FAMILY_NAMES = ("gemma2", "gemma3", "phi3", "olmo2", "olmo3", "granite", "smollm3")
@@ -74,6 +74,24 @@ def hf_config(family: str, **overrides):
             shared_expert_intermediate_size=36,
             norm_topk_prob=False,
             architectures=["Qwen2MoeForCausalLM"],
+        )
+    if family == "gpt_oss":  # sliding / full layers (segments of [S F]), yarn rope, sinks, biases, clamped SwiGLU
+        return T.GptOssConfig(
+            **{**moe, "num_hidden_layers": 4, "intermediate_size": overrides.get("intermediate_size", 20)},
+            head_dim=12,
+            num_local_experts=4,
+            sliding_window=5,
+            swiglu_limit=1.5,
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=150000.0,
+                factor=4.0,
+                beta_fast=32.0,
+                beta_slow=1.0,
+                truncate=False,
+                original_max_position_embeddings=16,
+            ),
+            architectures=["GptOssForCausalLM"],
         )
     if family == "mixtral":  # every layer sparse, sliding window
         return T.MixtralConfig(

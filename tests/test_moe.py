@@ -361,3 +361,39 @@ def test_mxfp4_dequantisation_matches_transformers():
     np.testing.assert_array_equal(got, want.transpose(0, 2, 1))
     with pytest.raises(CheckpointError, match=r"blocks \(3, 6, 2, 16\) and scales \(3, 6\) do not match"):
         dequantize(blocks, scales[..., 0])
+
+
+def test_gpt_oss_mxfp4_checkpoint_loads_as_its_dequantised_weights(tmp_path):
+    """A gpt-oss checkpoint with MXFP4 experts (``*_blocks`` / ``*_scales``, as on the hub) loads into the same model
+    as one holding transformers' dequantisation of those blocks in plain fp32 tensors: logits equal exactly."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    folder, _ = make_checkpoint("gpt_oss", tmp_path / "plain", hidden_size=64, intermediate_size=32)
+    tensors = load_file(folder / "model.safetensors")
+    rng = np.random.default_rng(3)
+    quantised, plain = {}, {}
+    for key, value in tensors.items():
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            e, d_in, d_out = value.shape  # transformers' [E, in, out]; MXFP4 stores [E, out, in / 32, 16]
+            blocks = rng.integers(0, 256, size=(e, d_out, d_in // 32, 16), dtype=np.uint8)
+            scales = rng.integers(121, 126, size=(e, d_out, d_in // 32), dtype=np.uint8)
+            quantised[key + "_blocks"], quantised[key + "_scales"] = blocks, scales
+            deq = convert_moe_packed_tensors(torch.tensor(blocks), torch.tensor(scales), dtype=torch.float32)
+            plain[key] = deq.numpy()
+        else:
+            quantised[key] = plain[key] = value
+    save_file(plain, folder / "model.safetensors", metadata={"format": "pt"})
+    mx = tmp_path / "mxfp4"
+    mx.mkdir()
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    (mx / "config.json").write_text(json.dumps(cfg))
+    save_file(quantised, mx / "model.safetensors", metadata={"format": "pt"})
+    ids, mask = padded_batch(cfg["vocab_size"], seed=2)
+    want = tx_logits(tx.load_model(folder), ids, mask)
+    got = tx_logits(tx.load_model(mx), ids, mask)
+    np.testing.assert_array_equal(got, want)
+    # a merged export of the MXFP4 model is a plain checkpoint transformers loads (no quantization_config left)
+    out = tx.save_model(tx.load_model(mx), tmp_path / "export")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    np.testing.assert_array_equal(tx_logits(tx.load_model(out), ids, mask), want)

@@ -201,6 +201,7 @@ def _write_rest(folder: Path, source, raw, names, entries, weight_map, total) ->
             stale.unlink()
 
     config = copy.deepcopy(raw)
+    config.pop("quantization_config", None)  # the weights are written dequantised (MXFP4 experts, ...)
     dtype_name = _TORCH_DTYPES.get(NAMES.get(entries[0][2], ""), None) if entries else None
     if dtype_name is not None:
         for key in ("dtype", "torch_dtype"):

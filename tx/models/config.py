@@ -72,7 +72,8 @@ class ModelConfig:
       ``embed_scale_in_dtype``; Granite's ``embedding_multiplier`` in fp32). ``residual_multiplier``: each branch
       times it (Granite). ``attn_scale``: the attention logit scale (None: head_dim ** -0.5).
       ``attn_softcap`` / ``final_softcap``: ``cap * tanh(x / cap)`` on attention / final logits (Gemma 2).
-      ``logits_divisor``: final logits divided by it (Granite's ``logits_scaling``).
+      ``logits_divisor``: final logits divided by it (Granite's ``logits_scaling``). ``attn_sinks``: a learned
+      logit per head that joins every softmax and takes its share of the probability (gpt-oss).
     - ``ropes``: (key, :class:`RopeConfig`) per rope a layer may use (``BlockSpec.rope``); ``rope`` is the main one.
     """
 
@@ -115,6 +116,7 @@ class ModelConfig:
     attn_softcap: float | None = None
     final_softcap: float | None = None
     logits_divisor: float | None = None
+    attn_sinks: bool = False
     ropes: tuple[tuple[str, RopeConfig], ...] = ()
     raw: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 

@@ -325,6 +325,7 @@ FAMILIES: tuple[Family, ...] = (
         layer_specs=_layer_types_moe,
         moe_weights="gpt_oss",
         hf_modules={"gate": "mlp.router"},
+        options=lambda data, path, hidden: {"attn_sinks": True},
     ),
     Family(
         "gemma2",
@@ -440,6 +441,7 @@ ATTENTION_WEIGHTS: dict[str, WeightSpec] = {
     "self_attn.o_proj.bias": WeightSpec("attn.o_proj.bias"),
     "self_attn.q_norm.weight": WeightSpec("attn.q_norm.scale"),
     "self_attn.k_norm.weight": WeightSpec("attn.k_norm.scale"),
+    "self_attn.sinks": WeightSpec("attn.sinks"),
 }
 DENSE_MLP_WEIGHTS: dict[str, WeightSpec] = {
     "mlp.gate_up_proj.weight": WeightSpec("mlp.gate_up_proj.weight"),

@@ -165,6 +165,11 @@ class Attention(nnx.Module):
             self.k_norm = norm(cfg, k_dim, **lin)
         else:
             self.q_norm = self.k_norm = None
+        if cfg.attn_sinks:  # gpt-oss: one logit per head that joins the softmax
+            lead = ("layers",) * len(stack)
+            self.sinks = _param(rngs, (*stack, h), (*lead, "tp"), dtype)
+        else:
+            self.sinks = None
 
     def project_qkv(self, x: jax.Array):
         if hasattr(self, "qkv_proj"):
@@ -191,21 +196,27 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
             kv = (k, v)
-        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), ctx.mask, scale=self.scale, softcap=self.softcap)
+        sinks = None if self.sinks is None else self.sinks[...]
+        out = attend(
+            q, k.astype(q.dtype), v.astype(q.dtype), ctx.mask, scale=self.scale, softcap=self.softcap, sinks=sinks
+        )
         return self.o_proj(out.reshape(b, s, -1)), kv
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale=None, softcap=None) -> jax.Array:
+def attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale=None, softcap=None, sinks=None
+) -> jax.Array:
     """Softmax attention in fp32. q: [B, S, H, D], k/v: [B, T, K, D] with H = K * G, mask: [B, S, T].
 
     ``scale``: the logit scale (None: 1 / sqrt(D)); ``softcap``: logits become ``softcap * tanh(logits / softcap)``
-    before the mask (Gemma 2).
+    before the mask (Gemma 2); ``sinks [H]``: a logit per head in every softmax whose probability is dropped
+    (gpt-oss).
 
     On CPU, and with a soft-cap: :func:`attend_einsum` (its backward keeps only the probabilities; measured faster
     there than ``jax.nn.dot_product_attention``). On GPU/TPU: :func:`attend_fused`.
     """
-    if jax.default_backend() == "cpu" or softcap is not None:
-        return attend_einsum(q, k, v, mask, scale, softcap)
+    if jax.default_backend() == "cpu" or softcap is not None or sinks is not None:
+        return attend_einsum(q, k, v, mask, scale, softcap, sinks)
     return attend_fused(q, k, v, mask, scale=scale)
 
 
@@ -229,7 +240,9 @@ def attend_fused(
     )
 
 
-def attend_einsum(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale=None, softcap=None) -> jax.Array:
+def attend_einsum(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale=None, softcap=None, sinks=None
+) -> jax.Array:
     """:func:`attend` as two einsums around :func:`masked_softmax`, grouped query heads without repeating k/v."""
     b, s, h, d = q.shape
     kh = k.shape[2]
@@ -238,9 +251,21 @@ def attend_einsum(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, sca
     scores = scores / math.sqrt(d) if scale is None else scores * scale
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
-    probs = masked_softmax(scores, mask[:, None, None]).astype(v.dtype)
+    if sinks is None:
+        probs = masked_softmax(scores, mask[:, None, None]).astype(v.dtype)
+    else:
+        probs = sink_softmax(scores, mask[:, None, None], sinks.astype(jnp.float32).reshape(1, kh, h // kh, 1, 1))
+        probs = probs.astype(v.dtype)
     out = einsum("bkgst,btkd->bskgd", probs, v)
     return out.reshape(b, s, h, d)
+
+
+def sink_softmax(scores: jax.Array, mask: jax.Array, sink: jax.Array) -> jax.Array:
+    """The softmax over ``[masked scores, sink]`` without the sink's own column: the rows sum to less than 1."""
+    scores = jnp.where(mask, scores, NEG_INF)
+    peak = jax.lax.stop_gradient(jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sink))
+    exp = jnp.exp(scores - peak)
+    return exp / (jnp.sum(exp, axis=-1, keepdims=True) + jnp.exp(sink - peak))
 
 
 @jax.custom_vjp
