@@ -24,10 +24,26 @@ Every kind writes its raw coefficients as ``z = base + scale * d`` where ``d`` i
   ``H_pre = sigmoid(z_pre) + eps``, ``H_post = 2 sigmoid(z_post)`` and
   ``H_res = (1 - g) I + g Sinkhorn(softmax(z_res) + eps)`` with a gate ``g = reflect_gate(res_gate)`` in [0, 1].
 
+- ``mhc_lite`` (mHC-lite, arXiv 2601.05732): as mhc, with ``proj: [n * C, 2n + n!]`` and
+  ``H_res = (1 - g) I + g sum_k softmax(z_res)_k P_k`` over the n! permutation matrices ``P_k``
+  (:func:`permutation_matrices`, ``k = 0`` is ``I``): a convex combination of permutations is doubly stochastic
+  exactly (Birkhoff-von Neumann), with no Sinkhorn iterations. ``n <= MAX_LITE_STREAMS`` (n! grows fast).
+
+Frac-connections (arXiv 2503.14125, ``fracs = m > 1``, kinds static and dynamic): each stream's ``C`` channels are
+``m`` fractions of ``d = C / m``, and the ``N = n m`` sub-streams ``x_k`` (``k = s m + f``: stream s, fraction f,
+the memory order) are mixed: ``u[f2] = sum_k H_pre[k, f2] x_k`` (the sublayer input, fraction by fraction),
+``x'_j = sum_k H_res[k, j] x_k + sum_f1 H_post[f1, j] y[f1]``; base ``[pre (N m), post (m N), res (N N)]``; dynamic
+``d_k = tanh(rmsnorm(x_k) @ proj)``, ``proj: [d, 2m + N]`` with columns ``[pre (m), post (m), res (N)]``, and
+``H_post[f1, (s, f2)]`` reads ``d_(s, f1)`` (as the ``hyper_connections`` package). ``m = 1`` is the layout above.
+
+Chosen layers (``layers``): a block's stacked connector carries a 0/1 :class:`ConnectorLayers` mask; a masked-out
+layer takes the plain coefficients (``H_pre = 1/n``, ``H_post = 1``, ``H_res = I``) in a ``lax.cond`` instead of
+computing its own, so its streams pass through as ``x'[j] = x[j] + f(mean_i x[i])``.
+
 Initialisation (every kind): ``scale = 0`` so the input-dependent part is exactly 0, ``H_pre = 1/n``,
-``H_post = 1``, ``H_res = I``, and ``res_gate = 0`` for mhc (Sinkhorn cannot reach ``I`` from finite logits; the
-convex blend is exactly ``I`` at ``g = 0`` and doubly stochastic for every ``g`` in [0, 1]; ``g`` reflects
-``res_gate`` into [0, 1] with slope +-1, so it never sticks at 0 the way a clipped gate would).
+``H_post = 1``, ``H_res = I``, and ``res_gate = 0`` for mhc and mhc_lite (Sinkhorn / a softmax cannot reach ``I``
+from finite logits; the convex blend is exactly ``I`` at ``g = 0`` and doubly stochastic for every ``g`` in [0, 1];
+``g`` reflects ``res_gate`` into [0, 1] with slope +-1, so it never sticks at 0 the way a clipped gate would).
 
 Why the random ``proj`` behind zero gates (see ``shared/design/MHC.md``, symmetry): at init the ``n`` streams are
 equal copies and every coefficient treats them alike, so a parameter that only sees per-stream gradients (``base``)
