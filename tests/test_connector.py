@@ -288,7 +288,7 @@ def test_gradients_at_init_and_training_leaves_identity(kind):
     for name in ("base", "scale"):
         assert g_init[name] > 1e-3 and g_apart[name] > 1e-3, name
     assert g_init["proj"] == 0.0 and g_apart["proj"] == 0.0
-    if kind == "mhc":
+    if kind in ("mhc", "mhc_lite"):
         assert g_init["res_gate"] < 1e-4
         assert g_apart["res_gate"] > 1e-3
     assert grads[1]["proj"] > 1e-4  # non-zero from the second step
@@ -386,7 +386,7 @@ def test_mhc_extreme_logits_stay_finite_and_doubly_stochastic():
 def test_bf16_activations_fp32_coefficients(kind):
     n = 4
     conn = Connector(ConnectorConfig(expansion_rate=n, kind=kind), C, 1, rngs=nnx.Rngs(0))
-    _randomise(conn, seed=3, proj_scale=0.5, gates=[0.5] if kind == "mhc" else None)
+    _randomise(conn, seed=3, proj_scale=0.5, gates=[0.5] if kind in ("mhc", "mhc_lite") else None)
     layer = connector_layer(conn, 0)
     x32 = _normal(1, (B, S, n, C))
     x16 = x32.astype(jnp.bfloat16)

@@ -414,6 +414,25 @@ def identity_coefficients(n: int, m: int = 1) -> tuple[np.ndarray, np.ndarray, n
     return np.tile(eye, (n, 1)) / np.float32(n), np.tile(eye, (1, n)), np.eye(n * m, dtype=np.float32)
 
 
+def pre_logit(n: int, eps: float) -> np.float32:
+    """``b_pre`` of mhc / mhc_lite at init: ``logit(1/n - eps)`` in fp32, so ``sigmoid(b_pre) + eps = 1/n``."""
+    return np.float32(math.log((1.0 / n - eps) / (1.0 - 1.0 / n + eps)))
+
+
+@functools.cache
+def pre_eps(n: int, eps: float) -> float:
+    """The ``eps`` of ``H_pre = sigmoid(z) + eps`` adjusted (by at most an ulp of 1/n) so that fp32 gives exactly
+    ``1/n`` at init.
+
+    fp32 ``sigmoid(pre_logit)`` lands up to an ulp off ``1/n - eps`` (no fp32 logit hits it: ``n = 4`` gives
+    ``H_pre`` one ulp below 1/4), and that scale error, repeated over the layers, brings the identity error of a
+    small model to ~1e-6. ``fp32(1/n - fl(sigmoid(b)))`` instead makes the sum round to ``1/n`` exactly.
+    """
+    with jax.ensure_compile_time_eval():  # a constant, also when first asked for inside a trace
+        s0 = float(np.asarray(jax.nn.sigmoid(jnp.float32(pre_logit(n, eps))), np.float64))
+    return float(np.float32(np.float64(np.float32(1.0 / n)) - s0))
+
+
 @functools.cache
 def permutation_matrices(n: int) -> np.ndarray:
     """``[n!, n, n]``: ``P[k, i, perm_k[i]] = 1`` for ``itertools.permutations(range(n))`` (k = 0 is ``I``)."""
@@ -496,8 +515,7 @@ class Connector(nnx.Module):
         kind = config.kind
         if kind in ("mhc", "mhc_lite"):
             r = n * n if kind == "mhc" else math.factorial(n)
-            b_pre = math.log((1.0 / n - config.eps) / (1.0 - 1.0 / n + config.eps))  # sigmoid(b) + eps = 1/n
-            base = np.concatenate([np.full(n, b_pre), np.zeros(n), np.zeros(r)])  # 2 sigmoid(0) = 1
+            base = np.concatenate([np.full(n, pre_logit(n, config.eps)), np.zeros(n), np.zeros(r)])  # 2 sigmoid(0) = 1
         else:
             base = np.concatenate([a.ravel() for a in identity_coefficients(n, m)])
         p = base.shape[0]
@@ -573,7 +591,7 @@ class Connector(nnx.Module):
         if kind not in ("mhc", "mhc_lite"):
             return z_pre, z_post, z_res
         eps = self.config.eps
-        h_pre = jax.nn.sigmoid(z_pre) + eps
+        h_pre = jax.nn.sigmoid(z_pre) + pre_eps(self.n, eps)  # = eps to within an ulp of 1/n
         h_post = 2.0 * jax.nn.sigmoid(z_post)
         g = reflect_gate(self.res_gate[...])
         if kind == "mhc_lite":
