@@ -191,11 +191,11 @@ def main(argv=None) -> None:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--records", type=int, default=2000)
     ap.add_argument("--task", default="mix", help="demo task: reverse, sort or mix")
-    ap.add_argument("--small", action="store_true", help="quick CPU run: 40 steps, batch 8, 4 evals")
+    ap.add_argument("--small", action="store_true", help="quick CPU run: defaults of 40 steps, batch 8, 4 evals")
     ap.add_argument("--out", default="runs/compare")
+    if ap.parse_known_args(argv)[0].small:  # new defaults; flags given explicitly still win
+        ap.set_defaults(steps=40, batch_size=8, evals=4, records=400, eval_batches=4)
     args = ap.parse_args(argv)
-    if args.small:
-        args.steps, args.batch_size, args.evals, args.records, args.eval_batches = 40, 8, 4, 400, 4
 
     tokenizer = tx.load_tokenizer(args.model)
     train_records, eval_records = make_task_split(args.records, 96, seed=0, task=args.task)
