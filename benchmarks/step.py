@@ -51,6 +51,10 @@ CONFIGS = {
     "dynamic4": ("dynamic", 4),
     "mhc2": ("mhc", 2),
     "mhc4": ("mhc", 4),
+    "mhc_lite2": ("mhc_lite", 2),
+    "mhc_lite4": ("mhc_lite", 4),
+    "fracs1x4": ("dynamic", 1, {"fracs": 4}),  # frac-connections: n = 1 stream in m = 4 fractions
+    "fracs2x2": ("dynamic", 2, {"fracs": 2}),
 }
 
 
@@ -182,7 +186,8 @@ def make_trainer(name, a, cfg, batch):
     model = CausalLM(cfg, dtype=jnp.dtype(a.dtype), rngs=nnx.Rngs(0))
     kind, _, loop = name.partition("+")
     spec = CONFIGS[kind]
-    conn = tx.ConnectorConfig(expansion_rate=spec[1], kind=spec[0]) if spec else None
+    extra = spec[2] if spec and len(spec) > 2 else {}
+    conn = tx.ConnectorConfig(expansion_rate=spec[1], kind=spec[0], **extra) if spec else None
     tx.attach(model, lora=tx.LoRAConfig(rank=a.rank, alpha=2 * a.rank), connector=conn)
     trainer = tx.Trainer(
         model,

@@ -288,10 +288,17 @@ def test_gradients_at_init_and_training_leaves_identity(kind):
     for name in ("base", "scale"):
         assert g_init[name] > 1e-3 and g_apart[name] > 1e-3, name
     assert g_init["proj"] == 0.0 and g_apart["proj"] == 0.0
-    if kind == "mhc":
+    if kind in ("mhc", "mhc_lite"):
         assert g_init["res_gate"] < 1e-4
         assert g_apart["res_gate"] > 1e-3
     assert grads[1]["proj"] > 1e-4  # non-zero from the second step
+    if kind == "mhc_lite":
+        # Here the first layer sees equal streams (x0) and the last one feeds the mean reduce, so with an exactly
+        # doubly stochastic H_res the gate's gradient is exactly 0 in both (equal inputs: column sums 1; mean
+        # reduce: row sums 1); mhc's is non-zero only through Sinkhorn's last-step row / column error. The gate
+        # does train once inputs and downstream tell the streams apart (g_apart above, and
+        # tests/test_connector_variants.py).
+        assert grads[-1].pop("res_gate") < 1e-5
     assert all(v > 1e-6 for v in grads[-1].values()), grads[-1]
     assert losses[-1] < losses[0]
 
@@ -386,7 +393,7 @@ def test_mhc_extreme_logits_stay_finite_and_doubly_stochastic():
 def test_bf16_activations_fp32_coefficients(kind):
     n = 4
     conn = Connector(ConnectorConfig(expansion_rate=n, kind=kind), C, 1, rngs=nnx.Rngs(0))
-    _randomise(conn, seed=3, proj_scale=0.5, gates=[0.5] if kind == "mhc" else None)
+    _randomise(conn, seed=3, proj_scale=0.5, gates=[0.5] if kind in ("mhc", "mhc_lite") else None)
     layer = connector_layer(conn, 0)
     x32 = _normal(1, (B, S, n, C))
     x16 = x32.astype(jnp.bfloat16)

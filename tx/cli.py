@@ -41,6 +41,25 @@ def _model_args(p, adapter=True):
         p.add_argument("--adapter", metavar="DIR", help="adapter folder written by tx or PEFT")
 
 
+CONNECTOR_KINDS = ["mhc", "mhc_lite", "dynamic", "static"]
+
+
+def _layer_ids(text: str) -> list[int]:
+    """``"0,2,4-7"`` -> ``[0, 2, 4, 5, 6, 7]``; a clear error for anything else."""
+    import tx
+
+    ids = []
+    for part in text.split(","):
+        part = part.strip()
+        lo, dash, hi = part.partition("-")
+        if not lo.isdigit() or (dash and not hi.isdigit()) or (dash and int(hi) < int(lo)):
+            raise tx.errors.ConfigError(
+                f"--connector-layers must be layer ids and ranges like 0,2,4-7, got {text!r} (bad part {part!r})"
+            )
+        ids += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
+    return ids
+
+
 def _adapter_args(p):
     g = p.add_argument_group("adapters")
     g.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r; 0 disables LoRA (default: 8)")
@@ -52,8 +71,30 @@ def _adapter_args(p):
     )
     g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input, in [0, 1) (default: 0)")
     g.add_argument("--use-rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
-    g.add_argument("--expansion-rate", type=int, default=4, help="connector streams n; 1 = no connector (default: 4)")
-    g.add_argument("--kind", default="mhc", choices=["mhc", "dynamic", "static"], help="connector kind (default: mhc)")
+    g.add_argument(
+        "--expansion-rate",
+        type=int,
+        default=4,
+        help="connector streams n; 1 with --fracs 1 = no connector (default: 4)",
+    )
+    g.add_argument(
+        "--kind",
+        default="mhc",
+        choices=CONNECTOR_KINDS,
+        help="connector kind (default: mhc); mhc_lite mixes the n! permutation matrices (n <= 5)",
+    )
+    g.add_argument(
+        "--fracs",
+        type=int,
+        default=1,
+        help="frac-connections: split each stream's hidden size into m fractions (kinds static, dynamic; default: 1)",
+    )
+    g.add_argument(
+        "--connector-layers",
+        default=None,
+        metavar="IDS",
+        help="layers that get the connector, e.g. 0,2,4-7 (default: all); the others carry the streams unchanged",
+    )
     g.add_argument("--no-train-connector", action="store_true", help="freeze the connector (trainable=False)")
 
 
@@ -75,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps (default: 600)")
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--expansion-rate", type=int, default=4)
-    p.add_argument("--kind", default="mhc", choices=["mhc", "dynamic", "static"])
+    p.add_argument("--kind", default="mhc", choices=CONNECTOR_KINDS)
 
     p = sub.add_parser(
         "verify",
@@ -176,11 +217,19 @@ def _configs(args):
         lora = tx.LoRAConfig(
             rank=args.lora_rank, alpha=alpha, targets=targets, dropout=args.lora_dropout, use_rslora=args.use_rslora
         )
+    if args.fracs < 1:
+        raise tx.errors.ConfigError(f"--fracs must be >= 1, got {args.fracs}")
     conn = None
-    if args.expansion_rate > 1:
+    if args.expansion_rate > 1 or args.fracs > 1:
         conn = tx.ConnectorConfig(
-            expansion_rate=args.expansion_rate, kind=args.kind, trainable=not args.no_train_connector
+            expansion_rate=args.expansion_rate,
+            kind=args.kind,
+            trainable=not args.no_train_connector,
+            fracs=args.fracs,
+            layers=None if args.connector_layers is None else _layer_ids(args.connector_layers),
         )
+    elif args.connector_layers is not None:
+        raise tx.errors.ConfigError("--connector-layers needs a connector: set --expansion-rate > 1 or --fracs > 1")
     return lora, conn
 
 
@@ -208,7 +257,7 @@ def cmd_verify(args) -> int:
     print(f"model: {args.model} ({model.config.architecture}, {model.config.num_layers} layers)")
     print(
         f"adapters: lora={'rank ' + str(lora.rank) if lora else 'none'}, "
-        f"connector={conn.kind + ' n=' + str(conn.expansion_rate) if conn else 'none'}"
+        f"connector={conn.describe() if conn else 'none'}"
     )
     print(tx.trainable_parameters(model))
     print(report)
@@ -222,7 +271,7 @@ def cmd_finetune(args) -> int:
     lora, conn = _configs(args)
     if lora is None and (conn is None or not conn.trainable):
         raise tx.errors.ConfigError(
-            "nothing to train: set --lora-rank > 0 or a trainable connector (--expansion-rate > 1)"
+            "nothing to train: set --lora-rank > 0 or a trainable connector (--expansion-rate > 1 or --fracs > 1)"
         )
     if args.eval_data and args.eval_fraction:
         raise tx.errors.ConfigError("--eval-data and --eval-fraction conflict: give one of them")

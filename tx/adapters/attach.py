@@ -4,9 +4,13 @@
 
 - LoRA wraps each targeted :class:`~tx.models.layers.Linear` of the stacked block in a
   :class:`~tx.adapters.lora.LoRALinear` (the base Linear object is kept, never copied).
-- A connector with ``expansion_rate > 1`` replaces ``model.layers.attn_residual`` / ``mlp_residual`` by
-  :class:`~tx.adapters.connector.Connector` and ``model.streams`` by :class:`~tx.adapters.connector.StreamEdges`;
-  ``expansion_rate == 1`` installs nothing (the plain residual path, same cost).
+- A connector with ``expansion_rate > 1`` (or ``fracs > 1``) replaces every block's ``attn_residual`` /
+  ``mlp_residual`` by :class:`~tx.adapters.connector.Connector` and ``model.streams`` by
+  :class:`~tx.adapters.connector.StreamEdges`; ``expansion_rate == fracs == 1`` installs nothing (the plain residual
+  path, same cost). With ``ConnectorConfig.layers`` each block's stacked connector gets a 0/1 layer mask
+  (:class:`~tx.adapters.connector.ConnectorLayers`): the streams are widened once, at the embedding, and stay
+  widened; a layer outside ``layers`` carries them through as ``x'[j] = x[j] + f(mean_i x[i])`` (the plain
+  residual on every stream, no coefficients computed) instead of narrowing and widening again around it.
 
 What trains is decided by type: :data:`TRAINABLE` selects :class:`~tx.adapters.lora.LoRAParam` and
 :class:`~tx.adapters.connector.ConnectorParam`. Take gradients with ``nnx.DiffState(0, TRAINABLE)`` so no gradient
@@ -241,7 +245,8 @@ def attach(model, *, lora: LoRAConfig | None = None, connector: ConnectorConfig 
 
     lora: wrap the targeted linear projections (see :class:`~tx.adapters.lora.LoRAConfig`); A is seeded by
     ``lora.seed``, B is zero, so the model computes exactly what it did before.
-    connector: replace both residual connections of every block and the stream edges (``expansion_rate > 1``);
+    connector: replace both residual connections of every block and the stream edges (``expansion_rate > 1`` or
+    ``fracs > 1``; ``layers`` picks the layers that compute it);
     its random projections are seeded by ``seed``. Connectors are exact at init as well (see
     :mod:`tx.adapters.connector`).
     The configs are kept as ``model.lora_config`` / ``model.connector_config``.
@@ -257,6 +262,14 @@ def attach(model, *, lora: LoRAConfig | None = None, connector: ConnectorConfig 
     if connector is not None and (has_connector(model) or getattr(model, "connector_config", None) is not None):
         raise AdapterError("the model already has a connector attached; call tx.detach(model) first")
     cfg = model.config
+    if connector is not None and not connector.plain:  # before anything changes the model
+        _connector_layers(connector, cfg.num_layers)
+        if cfg.hidden_size % connector.fracs:
+            divisors = [k for k in range(2, min(cfg.hidden_size, 16) + 1) if cfg.hidden_size % k == 0]
+            raise ConfigError(
+                f"connector fracs={connector.fracs} must divide the hidden size {cfg.hidden_size} (each stream is "
+                f"split into equal fractions); fracs that fit: {divisors}"
+            )
     if lora is not None:
         sites = linear_sites(model)
         masks = resolve_targets(lora, sites, cfg.num_layers)
@@ -274,16 +287,31 @@ def attach(model, *, lora: LoRAConfig | None = None, connector: ConnectorConfig 
             set_module_at(model, site.tx_path, wrapped)
         model.lora_config = lora
     if connector is not None:
-        if connector.expansion_rate > 1:
+        if not connector.plain:
             from tx.models.decoder import blocks
 
+            chosen = _connector_layers(connector, cfg.num_layers)
             rngs = nnx.Rngs(seed)
             for _, block, layer_ids in blocks(model):
+                mask = np.array([i in chosen for i in layer_ids], np.float32)
                 for name in RESIDUALS:
-                    setattr(block, name, Connector(connector, cfg.hidden_size, len(layer_ids), rngs=rngs))
+                    conn = Connector(connector, cfg.hidden_size, len(layer_ids), rngs=rngs, layer_mask=mask)
+                    setattr(block, name, conn)
             model.streams = StreamEdges(connector.expansion_rate)
         model.connector_config = connector
     return model
+
+
+def _connector_layers(connector: ConnectorConfig, num_layers: int) -> set[int]:
+    """The global layer ids that compute the connector (``ConnectorConfig.layers``; None = all)."""
+    if connector.layers is None:
+        return set(range(num_layers))
+    bad = [i for i in connector.layers if i >= num_layers]
+    if bad:
+        raise ConfigError(
+            f"connector layers {bad} do not exist: the model has {num_layers} layers (0..{num_layers - 1})"
+        )
+    return set(connector.layers)
 
 
 def _rank_and_scale(lora: LoRAConfig, site: LinearSite, mask) -> tuple[int, float]:
@@ -370,7 +398,8 @@ class ParameterCount(NamedTuple):
 def trainable_parameters(model) -> ParameterCount:
     """Count trainable adapter parameters and all parameters (base + adapters), as PEFT counts them.
 
-    LoRA slots of layers that are switched off by ``LoRAConfig.layers`` are not counted (PEFT does not create them).
+    LoRA slots of layers that are switched off by ``LoRAConfig.layers`` are not counted (PEFT does not create them),
+    nor connector slots of layers outside ``ConnectorConfig.layers``.
     """
     trainable = total = 0
     for _, module in lora_modules(model):
@@ -378,8 +407,18 @@ def trainable_parameters(model) -> ParameterCount:
         n = int(round(per_layer * module.layer_mask.sum()))
         trainable += n
         total += n
+    connector_vars = set()
+    for _, _, conn, _ in connector_sites(model):
+        mask = None if conn.mask is None else np.asarray(conn.mask[...])
+        for _, var in nnx.to_flat_state(nnx.state(conn, nnx.Any(ConnectorParam, FrozenConnectorParam))):
+            connector_vars.add(id(var))
+            size = int(np.prod(var.shape))  # slots of layers outside ConnectorConfig.layers are not counted
+            size = size if mask is None else int(round(size / mask.size * mask.sum()))
+            total += size
+            if isinstance(var, ConnectorParam):
+                trainable += size
     for _, var in nnx.to_flat_state(nnx.state(model, nnx.Any(*_COUNTED))):
-        if isinstance(var, LoRAParam):
+        if isinstance(var, LoRAParam) or id(var) in connector_vars:
             continue  # counted above, per adapted layer
         total += int(np.prod(var.shape))
         if isinstance(var, ConnectorParam):

@@ -24,10 +24,26 @@ Every kind writes its raw coefficients as ``z = base + scale * d`` where ``d`` i
   ``H_pre = sigmoid(z_pre) + eps``, ``H_post = 2 sigmoid(z_post)`` and
   ``H_res = (1 - g) I + g Sinkhorn(softmax(z_res) + eps)`` with a gate ``g = reflect_gate(res_gate)`` in [0, 1].
 
+- ``mhc_lite`` (mHC-lite, arXiv 2601.05732): as mhc, with ``proj: [n * C, 2n + n!]`` and
+  ``H_res = (1 - g) I + g sum_k softmax(z_res)_k P_k`` over the n! permutation matrices ``P_k``
+  (:func:`permutation_matrices`, ``k = 0`` is ``I``): a convex combination of permutations is doubly stochastic
+  exactly (Birkhoff-von Neumann), with no Sinkhorn iterations. ``n <= MAX_LITE_STREAMS`` (n! grows fast).
+
+Frac-connections (arXiv 2503.14125, ``fracs = m > 1``, kinds static and dynamic): each stream's ``C`` channels are
+``m`` fractions of ``d = C / m``, and the ``N = n m`` sub-streams ``x_k`` (``k = s m + f``: stream s, fraction f,
+the memory order) are mixed: ``u[f2] = sum_k H_pre[k, f2] x_k`` (the sublayer input, fraction by fraction),
+``x'_j = sum_k H_res[k, j] x_k + sum_f1 H_post[f1, j] y[f1]``; base ``[pre (N m), post (m N), res (N N)]``; dynamic
+``d_k = tanh(rmsnorm(x_k) @ proj)``, ``proj: [d, 2m + N]`` with columns ``[pre (m), post (m), res (N)]``, and
+``H_post[f1, (s, f2)]`` reads ``d_(s, f1)`` (as the ``hyper_connections`` package). ``m = 1`` is the layout above.
+
+Chosen layers (``layers``): a block's stacked connector carries a 0/1 :class:`ConnectorLayers` mask; a masked-out
+layer takes the plain coefficients (``H_pre = 1/n``, ``H_post = 1``, ``H_res = I``) in a ``lax.cond`` instead of
+computing its own, so its streams pass through as ``x'[j] = x[j] + f(mean_i x[i])``.
+
 Initialisation (every kind): ``scale = 0`` so the input-dependent part is exactly 0, ``H_pre = 1/n``,
-``H_post = 1``, ``H_res = I``, and ``res_gate = 0`` for mhc (Sinkhorn cannot reach ``I`` from finite logits; the
-convex blend is exactly ``I`` at ``g = 0`` and doubly stochastic for every ``g`` in [0, 1]; ``g`` reflects
-``res_gate`` into [0, 1] with slope +-1, so it never sticks at 0 the way a clipped gate would).
+``H_post = 1``, ``H_res = I``, and ``res_gate = 0`` for mhc and mhc_lite (Sinkhorn / a softmax cannot reach ``I``
+from finite logits; the convex blend is exactly ``I`` at ``g = 0`` and doubly stochastic for every ``g`` in [0, 1];
+``g`` reflects ``res_gate`` into [0, 1] with slope +-1, so it never sticks at 0 the way a clipped gate would).
 
 Why the random ``proj`` behind zero gates (see ``shared/design/MHC.md``, symmetry): at init the ``n`` streams are
 equal copies and every coefficient treats them alike, so a parameter that only sees per-stream gradients (``base``)
@@ -48,6 +64,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Callable, Mapping
 
@@ -59,7 +76,11 @@ from flax import nnx
 from tx.errors import AdapterError, ConfigError
 from tx.models.layers import no_transpose_fold
 
-KINDS = ("static", "dynamic", "mhc")
+KINDS = ("static", "dynamic", "mhc", "mhc_lite")
+FRAC_KINDS = ("static", "dynamic")  # kinds that take ``fracs > 1`` (HC and frac-connections define them)
+MAX_LITE_STREAMS = 5
+"""Largest n for "mhc_lite": it mixes all n! permutation matrices, so its projection has n * C x (2n + n!) entries
+(n = 4: 32 outputs per token, 5: 130, 6: 732, 7: 5052); past 5 that outgrows the sublayer it wraps."""
 _F32 = jnp.float32
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -74,8 +95,13 @@ class ConnectorConfig:
         trainable: connector variables are :class:`ConnectorParam` (trained) or :class:`FrozenConnectorParam`.
         sinkhorn_iters: Sinkhorn row/column iterations for mhc (DeepSeek counts ``2 * iters - 1`` normalisations).
         sinkhorn_balance: end Sinkhorn with an exact balancing step (see :func:`sinkhorn`); False is DeepSeek-V4.
-        eps: mhc epsilon added to ``H_pre``, to the softmax and to the Sinkhorn denominators (DeepSeek ``hc_eps``).
+        eps: mhc epsilon added to ``H_pre``, to the softmax and to the Sinkhorn denominators (DeepSeek ``hc_eps``);
+            mhc_lite adds it to ``H_pre`` only.
         norm_eps: epsilon inside the square root of the RMS norms that feed the projections.
+        fracs: frac-connections' ``m`` (arXiv 2503.14125): split each stream's hidden size into ``m`` fractions
+            that are mixed as ``n * m`` sub-streams; 1 = whole streams. Kinds "static" and "dynamic" only.
+        layers: global layer ids that get a connector (None = every layer); the other layers carry the ``n``
+            streams through unchanged (``x'[j] = x[j] + f(mean_i x[i])``) without computing coefficients.
     """
 
     expansion_rate: int = 4
@@ -85,6 +111,8 @@ class ConnectorConfig:
     sinkhorn_balance: bool = True
     eps: float = 1e-6
     norm_eps: float = 1e-6
+    fracs: int = 1
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if isinstance(self.expansion_rate, bool) or not isinstance(self.expansion_rate, int) or self.expansion_rate < 1:
@@ -102,8 +130,52 @@ class ConnectorConfig:
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool) or not 0.0 < value < 0.1:
                 raise ConfigError(f"{name} must be a float in (0, 0.1), got {value!r}")
-        if self.kind == "mhc" and self.expansion_rate > 1 and not self.eps < 1.0 / self.expansion_rate:
-            raise ConfigError(f"eps must be below 1 / expansion_rate for kind 'mhc', got {self.eps!r}")
+        n = self.expansion_rate
+        if self.kind in ("mhc", "mhc_lite") and n > 1 and not self.eps < 1.0 / n:
+            raise ConfigError(f"eps must be below 1 / expansion_rate for kind {self.kind!r}, got {self.eps!r}")
+        if self.kind == "mhc_lite" and n > MAX_LITE_STREAMS:
+            raise ConfigError(
+                f"kind 'mhc_lite' works for expansion_rate 1..{MAX_LITE_STREAMS}, got {n}: H_res mixes all n! "
+                f"permutation matrices, so the projection has n * hidden x (2n + n!) entries ({n}! = "
+                f"{math.factorial(n)} logits per token and site); use kind 'mhc' (Sinkhorn, n^2 logits) for more "
+                "streams"
+            )
+        if isinstance(self.fracs, bool) or not isinstance(self.fracs, int) or self.fracs < 1:
+            raise ConfigError(f"fracs must be an integer >= 1 (1 = whole streams), got {self.fracs!r}")
+        if self.fracs > 1 and self.kind not in FRAC_KINDS:
+            raise ConfigError(
+                f"fracs > 1 works with kinds {', '.join(map(repr, FRAC_KINDS))} (frac-connections are defined for "
+                f"hyper-connections), got kind {self.kind!r} with fracs={self.fracs}"
+            )
+        if self.layers is not None:
+            layers = self.layers
+            if isinstance(layers, str) or not isinstance(layers, list | tuple | range):
+                raise ConfigError(f"layers must be a list of layer ids or None (every layer), got {layers!r}")
+            bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or i < 0]
+            if bad or not layers:
+                raise ConfigError(
+                    f"layers must be a non-empty list of layer ids >= 0 (None = every layer), got {list(layers)!r}"
+                )
+            object.__setattr__(self, "layers", tuple(sorted(set(layers))))
+
+    @property
+    def plain(self) -> bool:
+        """True when nothing is installed: one whole stream (``expansion_rate == 1`` and ``fracs == 1``)."""
+        return self.expansion_rate == 1 and self.fracs == 1
+
+    @property
+    def substreams(self) -> int:
+        """``n * m``: the streams times the fractions each one is split into."""
+        return self.expansion_rate * self.fracs
+
+    def describe(self) -> str:
+        """Short text for logs: ``mhc n=4``, ``dynamic n=2 fracs=2 layers=[0, 3]``."""
+        text = f"{self.kind} n={self.expansion_rate}"
+        if self.fracs > 1:
+            text += f" fracs={self.fracs}"
+        if self.layers is not None:
+            text += f" layers={list(self.layers)}"
+        return text
 
 
 class ConnectorParam(nnx.Variable):
@@ -112,6 +184,13 @@ class ConnectorParam(nnx.Variable):
 
 class FrozenConnectorParam(nnx.Variable):
     """Connector state kept fixed (``ConnectorConfig(trainable=False)``); neither a ConnectorParam nor an nnx.Param."""
+
+
+class ConnectorLayers(nnx.Variable):
+    """0/1 per stacked layer: which layers of a block's stack compute the connector (``ConnectorConfig.layers``).
+
+    Never trained and not saved (the sidecar's ``layers`` rebuilds it); a stack whose layers are all chosen has none.
+    """
 
 
 # ----------------------------------------------------------------------------------------------- pure functions
@@ -306,8 +385,87 @@ _project.defvjp(_project_fwd, _project_bwd)
 
 
 def _split(z: jax.Array, n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``[..., 2n + n*n]`` in order [pre, post, res] -> (``[..., n]``, ``[..., n]``, ``[..., n, n]``)."""
-    return z[..., :n], z[..., n : 2 * n], z[..., 2 * n :].reshape(*z.shape[:-1], n, n)
+    """``[..., 2n + r]`` in order [pre, post, res] -> (``[..., n]``, ``[..., n]``, res): ``r = n*n`` gives res
+    ``[..., n, n]``; mhc_lite's ``r = n!`` permutation logits stay ``[..., n!]``."""
+    res = z[..., 2 * n :]
+    if res.shape[-1] == n * n:
+        res = res.reshape(*z.shape[:-1], n, n)
+    return z[..., :n], z[..., n : 2 * n], res
+
+
+def _split_fracs(z: jax.Array, n: int, m: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``[..., 2 N m + N*N]`` (``N = n m``) in order [pre, post, res] -> (``[..., N, m]``, ``[..., m, N]``,
+    ``[..., N, N]``), each row-major."""
+    big, lead = n * m, z.shape[:-1]
+    pre = z[..., : big * m].reshape(*lead, big, m)
+    post = z[..., big * m : 2 * big * m].reshape(*lead, m, big)
+    return pre, post, z[..., 2 * big * m :].reshape(*lead, big, big)
+
+
+def identity_coefficients(n: int, m: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The plain residual's coefficients: ``H_pre = 1/n``, ``H_post = 1``, ``H_res = I`` (fp32 numpy).
+
+    ``m = 1``: ``([n], [n], [n, n])``. ``m > 1`` over the sub-streams ``k = s m + f``: ``H_pre[k, f2] = [f = f2] / n``
+    (input fraction f2 is the mean of the streams' fraction f2), ``H_post[f1, (s, f2)] = [f1 = f2]`` and ``I``.
+    """
+    if m == 1:
+        return np.full(n, 1.0 / n, np.float32), np.ones(n, np.float32), np.eye(n, dtype=np.float32)
+    eye = np.eye(m, dtype=np.float32)
+    return np.tile(eye, (n, 1)) / np.float32(n), np.tile(eye, (1, n)), np.eye(n * m, dtype=np.float32)
+
+
+def pre_logit(n: int, eps: float) -> np.float32:
+    """``b_pre`` of mhc / mhc_lite at init: ``logit(1/n - eps)`` in fp32, so ``sigmoid(b_pre) + eps = 1/n``."""
+    return np.float32(math.log((1.0 / n - eps) / (1.0 - 1.0 / n + eps)))
+
+
+@functools.cache
+def pre_eps(n: int, eps: float) -> float:
+    """The ``eps`` of ``H_pre = sigmoid(z) + eps`` adjusted (by at most an ulp of 1/n) so that fp32 gives exactly
+    ``1/n`` at init.
+
+    fp32 ``sigmoid(pre_logit)`` lands up to an ulp off ``1/n - eps`` (no fp32 logit hits it: ``n = 4`` gives
+    ``H_pre`` one ulp below 1/4), and that scale error, repeated over the layers, brings the identity error of a
+    small model to ~1e-6. ``fp32(1/n - fl(sigmoid(b)))`` instead makes the sum round to ``1/n`` exactly.
+    """
+    with jax.ensure_compile_time_eval():  # a constant, also when first asked for inside a trace
+        s0 = float(np.asarray(jax.nn.sigmoid(jnp.float32(pre_logit(n, eps))), np.float64))
+    return float(np.float32(np.float64(np.float32(1.0 / n)) - s0))
+
+
+@functools.cache
+def permutation_matrices(n: int) -> np.ndarray:
+    """``[n!, n, n]``: ``P[k, i, perm_k[i]] = 1`` for ``itertools.permutations(range(n))`` (k = 0 is ``I``)."""
+    perms = list(itertools.permutations(range(n)))
+    out = np.zeros((len(perms), n, n), np.float32)
+    for k, perm in enumerate(perms):
+        out[k, np.arange(n), perm] = 1.0
+    return out
+
+
+def birkhoff(logits: jax.Array, n: int) -> jax.Array:
+    """mHC-lite's ``H_res = sum_k softmax(logits)_k P_k``: ``[..., n!] -> [..., n, n]``, fp32.
+
+    A convex combination of permutation matrices (Birkhoff-von Neumann), so rows and columns sum to exactly
+    ``sum_k w_k = 1`` (to float rounding) with no iterations; ``P_k`` as :func:`permutation_matrices`.
+    """
+    w = jax.nn.softmax(logits.astype(_F32), axis=-1)
+    perms = jnp.asarray(permutation_matrices(n).reshape(-1, n * n))
+    return jnp.matmul(w, perms, precision=_HIGHEST).reshape(*w.shape[:-1], n, n)
+
+
+def mix_fracs(x: jax.Array, f, h_pre: jax.Array, h_post: jax.Array, h_res: jax.Array, m: int) -> jax.Array:
+    """Frac-connections' collapse, sublayer and mix: x ``[B, S, n, C]`` as ``N = n m`` sub-streams of ``C / m``.
+
+    ``u[f2] = sum_k H_pre[k, f2] x_k``; ``y = f(u)`` split into fractions ``y[f1]``;
+    ``x'_j = sum_k H_res[k, j] x_k + sum_f1 H_post[f1, j] y[f1]`` (fp32 sums, one rounding to ``x.dtype``).
+    """
+    lead, n, c = x.shape[:-2], x.shape[-2], x.shape[-1]
+    xs = x.reshape(*lead, n * m, c // m)
+    u = _weighted_sum(jnp.swapaxes(h_pre, -1, -2), xs).reshape(*lead, c).astype(x.dtype)
+    y = f(u).reshape(*lead, m, c // m)
+    out = _weighted_sum(jnp.swapaxes(h_res, -1, -2), xs) + _weighted_sum(jnp.swapaxes(h_post, -1, -2), y)
+    return out.reshape(x.shape).astype(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------- modules
@@ -332,41 +490,72 @@ class Connector(nnx.Module):
         (1, 5, 2, 8)
     """
 
-    def __init__(self, config: ConnectorConfig, hidden_size: int, num_layers: int, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: ConnectorConfig,
+        hidden_size: int,
+        num_layers: int,
+        *,
+        rngs: nnx.Rngs,
+        layer_mask: np.ndarray | None = None,
+    ):
         self.config = config
         self.hidden_size = hidden_size
         self.num_layers = num_layers
         self.enabled = True
-        n, c, layers = config.expansion_rate, hidden_size, num_layers
-        if n == 1:  # the plain residual: nothing to learn
+        n, m, c, layers = config.expansion_rate, config.fracs, hidden_size, num_layers
+        if config.plain:  # the plain residual: nothing to learn
             return
+        if c % m:
+            raise ConfigError(
+                f"fracs={m} must divide the hidden size {c} (each stream is split into {m} equal fractions); "
+                f"try one of {[k for k in range(2, min(c, 16) + 1) if c % k == 0]}"
+            )
         param = ConnectorParam if config.trainable else FrozenConnectorParam
-        p = 2 * n + n * n
-        if config.kind == "mhc":
-            b_pre = math.log((1.0 / n - config.eps) / (1.0 - 1.0 / n + config.eps))  # sigmoid(b) + eps = 1/n
-            base = np.concatenate([np.full(n, b_pre), np.zeros(n), np.zeros(n * n)])  # 2 sigmoid(0) = 1
+        kind = config.kind
+        if kind in ("mhc", "mhc_lite"):
+            r = n * n if kind == "mhc" else math.factorial(n)
+            base = np.concatenate([np.full(n, pre_logit(n, config.eps)), np.zeros(n), np.zeros(r)])  # 2 sigmoid(0) = 1
         else:
-            base = np.concatenate([np.full(n, 1.0 / n), np.ones(n), np.eye(n).ravel()])
+            base = np.concatenate([a.ravel() for a in identity_coefficients(n, m)])
+        p = base.shape[0]
         self.base = param(jnp.broadcast_to(jnp.asarray(base, _F32), (layers, p)))
         self.scale = param(jnp.zeros((layers, 3), _F32))
         key = rngs.params()
+        d = c // m
         shape, fan_in = {
             "static": ((layers, p), 1),
-            "dynamic": ((layers, c, 2 + n), c),
+            "dynamic": ((layers, d, 2 * m + n * m), d),
             "mhc": ((layers, n * c, p), n * c),
-        }[config.kind]
+            "mhc_lite": ((layers, n * c, p), n * c),
+        }[kind]
         self.proj = param(jax.random.normal(key, shape, _F32) / math.sqrt(fan_in))  # d ~ N(0, 1) per entry
-        if config.kind == "mhc":
+        if kind in ("mhc", "mhc_lite"):
             self.res_gate = param(jnp.zeros((layers,), _F32))
+        if layer_mask is not None:
+            mask = np.asarray(layer_mask, np.float32).reshape(layers)
+            if not mask.all():
+                self.layer_mask = ConnectorLayers(jnp.asarray(mask))
 
     @property
     def n(self) -> int:
         return self.config.expansion_rate
 
+    @property
+    def m(self) -> int:
+        return self.config.fracs
+
+    @property
+    def mask(self) -> ConnectorLayers | None:
+        """The 0/1 layer mask, or None when every layer of the stack computes the connector."""
+        return getattr(self, "layer_mask", None)
+
     def _raw(self, x: jax.Array):
         """Raw coefficients ``z = base + scale * d`` (fp32) as (pre, post, res); static kind without [B, S]."""
-        n, kind = self.n, self.config.kind
+        n, m, kind = self.n, self.m, self.config.kind
         base, scale, proj = self.base[...], self.scale[...], self.proj[...]
+        if m > 1:
+            return self._raw_fracs(x, base, scale, proj)
         if kind == "static":
             d_pre, d_post, d_res = _split(proj, n)
         elif kind == "dynamic":
@@ -379,14 +568,35 @@ class Connector(nnx.Module):
         b_pre, b_post, b_res = _split(base, n)
         return b_pre + scale[0] * d_pre, b_post + scale[1] * d_post, b_res + scale[2] * d_res
 
+    def _raw_fracs(self, x, base, scale, proj):
+        """``fracs = m > 1``: (pre ``[N, m]``, post ``[m, N]``, res ``[N, N]``) over the ``N = n m`` sub-streams."""
+        n, m = self.n, self.m
+        big = n * m
+        b_pre, b_post, b_res = _split_fracs(base, n, m)
+        if self.config.kind == "static":
+            d_pre, d_post, d_res = _split_fracs(proj, n, m)
+        else:
+            xs = x.reshape(*x.shape[:-2], big, x.shape[-1] // m)  # sub-stream k = s * m + f
+            d = _project(xs, proj)
+            d = jnp.tanh(d * _rms_scale(xs, self.config.norm_eps)[..., None])  # [B, S, N, 2m + N]
+            d_pre, d_res = d[..., :m], d[..., 2 * m :]
+            # post: y's fraction f1 into sub-stream (s, f2) reads sub-stream (s, f1)'s projection, column f2
+            d_post = d[..., m : 2 * m].reshape(*d.shape[:-2], n, m, m)  # [s, f1, f2]
+            d_post = jnp.swapaxes(d_post, -3, -2).reshape(*d.shape[:-2], m, big)  # [f1, (s, f2)]
+        return b_pre + scale[0] * d_pre, b_post + scale[1] * d_post, b_res + scale[2] * d_res
+
     def _coefficients(self, x: jax.Array):
         z_pre, z_post, z_res = self._raw(x)
-        if self.config.kind != "mhc":
+        kind = self.config.kind
+        if kind not in ("mhc", "mhc_lite"):
             return z_pre, z_post, z_res
         eps = self.config.eps
-        h_pre = jax.nn.sigmoid(z_pre) + eps
+        h_pre = jax.nn.sigmoid(z_pre) + pre_eps(self.n, eps)  # = eps to within an ulp of 1/n
         h_post = 2.0 * jax.nn.sigmoid(z_post)
         g = reflect_gate(self.res_gate[...])
+        if kind == "mhc_lite":
+            h_res = (1.0 - g) * jnp.eye(self.n, dtype=_F32) + g * birkhoff(z_res, self.n)
+            return h_pre, h_post, h_res
         # recomputed in the backward pass: the iterations are cheap, while storing them would add
         # 6 x (iters - 1) small arrays per site to what the layer scan keeps for the backward pass
         sk = jax.checkpoint(
@@ -395,22 +605,39 @@ class Connector(nnx.Module):
         h_res = (1.0 - g) * jnp.eye(self.n, dtype=_F32) + g * sk(z_res)
         return h_pre, h_post, h_res
 
+    def _shapes(self, lead: tuple) -> tuple[tuple, tuple, tuple]:
+        n, m = self.n, self.m
+        if m == 1:
+            return (*lead, n), (*lead, n), (*lead, n, n)
+        return (*lead, n * m, m), (*lead, m, n * m), (*lead, n * m, n * m)
+
     def coefficients(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Per-token fp32 ``(h_pre [B, S, n], h_post [B, S, n], h_res [B, S, n, n])`` for streams x ``[B, S, n, C]``.
 
         Call it on one layer (``connector_layer(conn, i)``); ``h_res[..., i, j]`` weighs input stream i in output j.
+        With ``fracs = m > 1`` over the ``N = n m`` sub-streams (``k = s m + f``: stream s, fraction f):
+        ``h_pre [B, S, N, m]`` (sub-stream k into input fraction f), ``h_post [B, S, m, N]`` (output fraction f
+        into sub-stream k), ``h_res [B, S, N, N]``. A layer outside ``ConnectorConfig.layers`` gives the plain
+        coefficients (``H_pre = 1/n``, ``H_post = 1``, ``H_res = I``) without computing the connector's.
         """
         lead = x.shape[:-2]
-        n = self.n
-        if n == 1:
+        shapes = self._shapes(lead)
+        if self.config.plain:
             one = jnp.ones((*lead, 1), _F32)
             return one, one, one[..., None]
-        h_pre, h_post, h_res = self._coefficients(x)
-        return (
-            jnp.broadcast_to(h_pre, (*lead, n)),
-            jnp.broadcast_to(h_post, (*lead, n)),
-            jnp.broadcast_to(h_res, (*lead, n, n)),
-        )
+
+        def computed(x):
+            return tuple(jnp.broadcast_to(h.astype(_F32), s) for h, s in zip(self._coefficients(x), shapes))
+
+        if self.mask is None:
+            return computed(x)
+
+        def plain(x):
+            return tuple(
+                jnp.broadcast_to(jnp.asarray(h, _F32), s) for h, s in zip(identity_coefficients(self.n, self.m), shapes)
+            )
+
+        return jax.lax.cond(self.mask[...] > 0, computed, plain, x)
 
     def __call__(self, x: jax.Array, f: Callable[[jax.Array], jax.Array]) -> jax.Array:
         """Streams x ``[B, S, n, C]`` and sublayer f ``[B, S, C] -> [B, S, C]`` -> ``[B, S, n, C]``.
@@ -419,11 +646,13 @@ class Connector(nnx.Module):
         """
         if not self.enabled:
             return x + f(x)
-        if self.n == 1:
+        if self.config.plain:
             return x + f(x[..., 0, :])[..., None, :]
         # per-token coefficients for every kind (collapse and mix take them per token; "static" broadcasts)
         h_pre, h_post, h_res = self.coefficients(x)
-        return mix(x, f(collapse(x, h_pre)), h_post, h_res)
+        if self.m == 1:
+            return mix(x, f(collapse(x, h_pre)), h_post, h_res)
+        return mix_fracs(x, f, h_pre, h_post, h_res, self.m)
 
 
 class StreamEdges(nnx.Module):
@@ -501,24 +730,46 @@ def hyper_connections_values(
     dynamic_beta_fn: np.ndarray,
     dynamic_beta_scale: float,
     norm_gamma: np.ndarray | None = None,
+    *,
+    num_fracs: int = 1,
 ) -> dict[str, np.ndarray]:
-    """``hyper_connections.HyperConnections`` (tanh, one branch input, no fracs) as dynamic-kind values.
+    """``hyper_connections.HyperConnections`` (tanh, one branch input, ``num_fracs = m``) as dynamic-kind values.
 
-    ``static_alpha [n, 1 + n]`` holds ``[H_pre | H_res]`` in our convention (``H_res[i, j] = alpha[i, 1 + j]``),
-    ``static_beta [n]`` holds ``H_post``. Its norm ``x / rms(x) * (1 + gamma)`` is folded into the projection:
-    ``proj = diag(1 + gamma) [alpha_fn[:, :1] | beta_fn | alpha_fn[:, 1:]]``. The alpha scale gates pre and res.
+    With ``m = 1``: ``static_alpha [n, 1 + n]`` holds ``[H_pre | H_res]`` in our convention
+    (``H_res[i, j] = alpha[i, 1 + j]``), ``static_beta [n]`` holds ``H_post``. With ``m > 1`` its rows are the
+    sub-streams in (fraction, stream) order and its columns (output fraction, [branch | streams]):
+    ``alpha[f1 n + s, f2 (1 + n) + t]``; ``static_beta[s m + f2]`` weighs every fraction ``f1`` of the branch output
+    into sub-stream (s, f2), and ``dynamic_beta_fn [d, m]`` is read through sub-stream (s, f1). tx's sub-streams are
+    ``k = s m + f`` (stream-major, the memory order of both). Its norm ``x / rms(x) * (1 + gamma)`` is folded into
+    the projection; the alpha scale gates pre and res.
     """
     alpha, beta = np.asarray(static_alpha, np.float32), np.asarray(static_beta, np.float32)
     a_fn, b_fn = np.asarray(dynamic_alpha_fn, np.float32), np.asarray(dynamic_beta_fn, np.float32)
-    n = alpha.shape[0]
-    if alpha.shape != (n, n + 1) or beta.shape != (n,) or a_fn.shape[1:] != (n + 1,) or b_fn.shape != a_fn.shape[:1]:
+    m = num_fracs
+    big = alpha.shape[0]
+    n = big // m
+    b_fn = b_fn.reshape(b_fn.shape[0], -1)
+    if (
+        big % m
+        or alpha.shape != (big, m * (n + 1))
+        or beta.shape != (big,)
+        or a_fn.shape[1:] != (m * (n + 1),)
+        or b_fn.shape != (a_fn.shape[0], m)
+    ):
         raise AdapterError(
-            f"unexpected HyperConnections shapes: static_alpha {alpha.shape}, static_beta {beta.shape}, "
-            f"dynamic_alpha_fn {a_fn.shape}, dynamic_beta_fn {b_fn.shape} (need one branch input and no fracs)"
+            f"unexpected HyperConnections shapes for num_fracs={m}: static_alpha {alpha.shape}, static_beta "
+            f"{beta.shape}, dynamic_alpha_fn {a_fn.shape}, dynamic_beta_fn {np.shape(dynamic_beta_fn)} "
+            "(need one branch input)"
         )
-    proj = np.concatenate([a_fn[:, :1], b_fn[:, None], a_fn[:, 1:]], axis=1)
+    # alpha as [f1, s, f2, t] -> ours, rows k = (s, f1)
+    a4 = alpha.reshape(m, n, m, n + 1).transpose(1, 0, 2, 3).reshape(big, m, n + 1)  # [k, f2, t]
+    pre = a4[:, :, 0]  # [k, f2]
+    res = a4[:, :, 1:].transpose(0, 2, 1).reshape(big, big)  # [k, (s', f2)]
+    post = np.broadcast_to(beta[None, :], (m, big))  # [f1, (s, f2)]
+    fn4 = a_fn.reshape(-1, m, n + 1)  # [d, f2, t]
+    proj = np.concatenate([fn4[:, :, 0], b_fn, fn4[:, :, 1:].transpose(0, 2, 1).reshape(-1, big)], axis=1)
     if norm_gamma is not None:
         proj = proj * (1.0 + np.asarray(norm_gamma, np.float32))[:, None]
-    base = np.concatenate([alpha[:, 0], beta, alpha[:, 1:].ravel()])
+    base = np.concatenate([pre.ravel(), post.ravel(), res.ravel()])
     scale = np.asarray([dynamic_alpha_scale, dynamic_beta_scale, dynamic_alpha_scale], np.float32)
     return {"proj": proj, "base": base, "scale": scale}

@@ -5,7 +5,7 @@ An adapter folder holds
 - ``adapter_config.json`` + ``adapter_model.safetensors``: the LoRA part, exactly as PEFT writes it (keys
   ``base_model.model.<HF module path>.lora_A.weight`` ``[r, in]`` and ``...lora_B.weight`` ``[out, r]``, one pair per
   adapted layer), so ``peft.PeftModel.from_pretrained(hf_model, folder)`` loads it and tx loads PEFT's adapters;
-- ``tx_connector_config.json`` + ``tx_connector.safetensors`` (only with a connector of ``expansion_rate > 1``): the
+- ``tx_connector_config.json`` + ``tx_connector.safetensors`` (only with a connector that installs, n or fracs > 1): the
   :class:`~tx.adapters.connector.ConnectorConfig` fields plus ``format_version`` and ``tx_version``, and the connector
   variables by their nnx path in the model (``layers.attn_residual.proj``, stacked on the layer axis). PEFT ignores
   these files.
@@ -34,7 +34,7 @@ from tx.adapters.attach import (
     linear_sites,
     lora_modules,
 )
-from tx.adapters.connector import ConnectorConfig
+from tx.adapters.connector import ConnectorConfig, ConnectorParam, FrozenConnectorParam
 from tx.adapters.lora import ALL_LINEAR, LoRAConfig
 from tx.adapters.lora_experts import a_from_peft, b_from_peft, to_peft
 from tx.errors import AdapterError, ConfigError
@@ -49,6 +49,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 CONNECTOR_CONFIG = "tx_connector_config.json"
 CONNECTOR_WEIGHTS = "tx_connector.safetensors"
 FORMAT_VERSION = 1  # of the tx sidecar; bump when its layout changes
+_NEW_FIELDS = {"fracs": 1, "layers": None}  # ConnectorConfig fields added after format 1: omitted at their defaults
 PEFT_PREFIX = "base_model.model."
 _PEFT_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight")
 # PEFT options that change what the adapter computes and that tx does not implement: key -> "unset" test.
@@ -261,7 +262,13 @@ def _write_adapter(model, folder: Path, lora_tensors, conn_tensors, connectors) 
     if conn_tensors:
         config = next(iter(connectors.values())).config
         save_tensors(conn_tensors, folder / CONNECTOR_WEIGHTS, metadata=meta)
-        sidecar = {"format_version": FORMAT_VERSION, "tx_version": tx.__version__, **dataclasses.asdict(config)}
+        fields = dataclasses.asdict(config)
+        for name, default in _NEW_FIELDS.items():  # written only when set, so older tx still reads the rest
+            if fields[name] == default:
+                del fields[name]
+        if fields.get("layers") is not None:
+            fields["layers"] = list(fields["layers"])
+        sidecar = {"format_version": FORMAT_VERSION, "tx_version": tx.__version__, **fields}
         _write_json(folder / CONNECTOR_CONFIG, sidecar)
     else:
         for name in (CONNECTOR_CONFIG, CONNECTOR_WEIGHTS):
@@ -438,7 +445,7 @@ def _connector_tensors(model, gather: bool) -> dict[str, tuple[np.ndarray | tupl
     num_layers = model.config.num_layers
     out: dict[str, tuple] = {}
     for name, _, conn, layer_ids in connector_sites(model):
-        for var_path, var in nnx.to_flat_state(nnx.state(conn, nnx.Variable)):
+        for var_path, var in nnx.to_flat_state(nnx.state(conn, nnx.Any(ConnectorParam, FrozenConnectorParam))):
             key = ".".join(["layers", name, *map(str, var_path)])
             value, parts = out.setdefault(key, (None, []))
             parts.append((var, layer_ids))
@@ -508,7 +515,7 @@ def load_adapter(model, path):
         lora_file = _open(folder, ADAPTER_WEIGHTS, ADAPTER_CONFIG) if lora_cfg is not None else None
         files.append(lora_file)
         conn_file = None
-        if conn_cfg is not None and conn_cfg.expansion_rate > 1:
+        if conn_cfg is not None and not conn_cfg.plain:
             conn_file = _open(folder, CONNECTOR_WEIGHTS, CONNECTOR_CONFIG)
             files.append(conn_file)
         if lora_cfg is not None and lora_cfg.exclude:
