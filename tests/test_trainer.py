@@ -169,3 +169,18 @@ def test_lora_dropout_trains_and_advances_its_keys(checkpoints, tok):
             assert not np.array_equal(keys[0], keys[1]) and not np.array_equal(keys[1], keys[2])
     assert np.abs(lb[0.5]).max() > 0
     assert np.abs(lb[0.5] - lb[0.0]).max() > 1e-4  # dropout changed what the adapters learned
+
+
+def test_checkpoint_from_before_new_adapter_fields_still_resumes(checkpoints):
+    """A checkpoint written before LoRA's target_parameters / rank_pattern and the connector's fracs / layers
+    existed holds no such keys: they are at their defaults, so the run resumes; a real difference still refuses."""
+    trainer = Trainer(fresh(checkpoints), TrainConfig(steps=1, batch_size=4, seq_len=48, progress=False))
+    old = trainer.adapter_setup()
+    for key in ("target_parameters", "rank_pattern", "alpha_pattern"):
+        del old["lora"][key]
+    for key in ("fracs", "layers"):
+        del old["connector"][key]
+    trainer._check_resumable("ckpt", {"adapters": old})
+    old["connector"]["expansion_rate"] = 4
+    with pytest.raises(tx.errors.CheckpointError, match="connector.expansion_rate: checkpoint 4, model 2"):
+        trainer._check_resumable("ckpt", {"adapters": old})

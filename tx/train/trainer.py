@@ -154,6 +154,23 @@ class TrainConfig:
         )
 
 
+def _with_defaults(part: str, fields: dict | None) -> dict | None:
+    """A checkpoint's adapter config with the fields it predates filled in with their defaults (JSON values)."""
+    from tx.adapters.connector import ConnectorConfig
+    from tx.adapters.lora import LoRAConfig
+
+    cls = {"lora": LoRAConfig, "connector": ConnectorConfig}.get(part)
+    if fields is None or cls is None:
+        return fields
+    defaults = {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(cls)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    }
+    defaults = json.loads(json.dumps(defaults, default=str))
+    return {**{k: v for k, v in defaults.items() if k not in ("init", "seed") or part != "lora"}, **fields}
+
+
 def _router_aux_coef(model, config: TrainConfig) -> float:
     """The load-balancing loss weight (see :attr:`TrainConfig.router_aux_loss_coef`)."""
     if config.router_aux_loss_coef is not None:
@@ -508,6 +525,8 @@ class Trainer:
     def _check_resumable(self, path: Path, info: dict[str, Any]) -> None:
         """A checkpoint of another adapter setup, or of other data settings, cannot be continued exactly."""
         saved = info.get("adapters")
+        if saved is not None:  # fields added since a checkpoint was written are at their defaults there
+            saved = {part: _with_defaults(part, fields) for part, fields in saved.items()}
         if saved is not None and saved != self.adapter_setup():
             now = self.adapter_setup()
             diffs = []
