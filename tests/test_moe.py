@@ -219,3 +219,145 @@ def test_bad_expert_tensors(moe_checkpoints, tmp_path):
     assert (
         "'model.layers.3.mlp.experts.0.down_proj.weight' has shape (40, 7) but config.json implies (40, 24)" in message
     )
+
+
+def test_bad_moe_options_name_the_key(moe_checkpoints, tmp_path):
+    import shutil
+
+    folder, _ = moe_checkpoints["mixtral"]
+    for key, value, match in (
+        (
+            "num_experts_per_tok",
+            9,
+            r"'num_experts_per_tok' \(9\) exceeds the number of experts \(4, 'num_local_experts'\)",
+        ),
+        ("num_local_experts", 0, r"'num_local_experts' must be a positive integer, found 0"),
+    ):
+        bad = shutil.copytree(folder, tmp_path / key)
+        cfg = json.loads((bad / "config.json").read_text())
+        cfg[key] = value
+        (bad / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(CheckpointError, match=match):
+            tx.load_model(bad)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILY_NAMES)
+def test_router_sums_and_aux_loss_match_transformers(moe_checkpoints, family):
+    """The load-balancing loss over the padded batch's real tokens equals transformers' ``aux_loss`` (fp32, 1e-6),
+    and every routed choice is computed (dropless: counts sum to tokens x top_k x MoE layers)."""
+    from tx.models.moe import load_balancing_loss, router_metrics
+
+    folder, ref = moe_checkpoints[family]
+    model = tx.load_model(folder)
+    ids, mask = padded_batch(model.config.vocab_size, seed=7)
+    _, _, router = jax.jit(lambda i, m: nnx_forward(model, i, m))(ids, mask)
+    with torch.no_grad():
+        want = ref(torch.tensor(ids), attention_mask=torch.tensor(mask), output_router_logits=True).aux_loss
+    assert abs(float(load_balancing_loss(router)) - float(want)) <= 1e-6 * max(1.0, abs(float(want)))
+    moe_layers = sum(spec.mlp == "moe" for spec in model.config.layer_specs)
+    assert float(router.tokens) == mask.sum() * moe_layers
+    assert float(jnp.sum(router.counts)) == mask.sum() * moe_layers * model.config.moe.top_k
+    assert float(router_metrics(router)["router_dropped"]) == 0.0
+
+
+def nnx_forward(model, ids, mask):
+    return model.forward(ids, attention_mask=mask)
+
+
+@pytest.mark.slow
+def test_moe_finetune_learns_reports_routing_and_resumes(moe_checkpoints, tmp_path_factory, tmp_path):
+    """LoRA (router included) + mhc on Qwen3-MoE: the loss falls, routing metrics are logged, the load-balancing
+    loss is on (the checkpoint's coefficient, the router trains), and a resumed run equals the uninterrupted one."""
+    from fixtures_tokenizer import make_chatml_tokenizer
+    from test_trainer import records
+
+    from tx.train.data import Dataset
+    from tx.train.trainer import TrainConfig, Trainer
+
+    tok_folder = tmp_path_factory.mktemp("moe_tok")
+    make_chatml_tokenizer(tok_folder)
+    tok = tx.load_tokenizer(tok_folder)
+    folder = make_checkpoint("qwen3_moe", tmp_path / "ckpt", vocab_size=tok.vocab_size, router_aux_loss_coef=0.02)[0]
+
+    def fresh():
+        model = tx.load_model(folder)
+        return tx.attach(model, lora=tx.LoRAConfig(rank=4, alpha=8), connector=tx.ConnectorConfig(expansion_rate=4))
+
+    data = Dataset(records(), tok, seq_len=48, batch_size=4, seed=0, vocab_size=tok.vocab_size)
+    cfg = dict(steps=12, lr=1e-2, batch_size=4, seq_len=48, save_every=6, progress=False, schedule="constant")
+    full_model = fresh()
+    trainer = Trainer(full_model, TrainConfig(**cfg, out=str(tmp_path / "full")))
+    assert trainer.aux_coef == pytest.approx(0.02)
+    full = trainer.fit(data)
+    steps = [h for h in full["history"] if "loss" in h]
+    losses = [h["loss"] for h in steps]
+    assert np.mean(losses[-3:]) < 0.9 * np.mean(losses[:3]), losses  # 12 steps: ~18% down (6.5 -> 5.3)
+    assert all(h["router_dropped"] == 0 and h["router_max_load"] >= 1 >= h["router_min_load"] for h in steps)
+    assert all(h["router_aux_loss"] > 0 for h in steps)
+    part = Trainer(fresh(), TrainConfig(**{**cfg, "steps": 6}, out=str(tmp_path / "part")))
+    part.fit(data)
+    resumed_model = fresh()
+    res = Trainer(resumed_model, TrainConfig(**cfg, out=str(tmp_path / "part"), resume=True)).fit(data)
+    b = [h["loss"] for h in res["history"] if "loss" in h]
+    np.testing.assert_allclose(losses[6:], b, atol=1e-5)
+    for (site, a), (_, r) in zip(lora_modules(full_model), lora_modules(resumed_model)):
+        np.testing.assert_allclose(np.asarray(a.lora_b[...]), np.asarray(r.lora_b[...]), atol=1e-6, err_msg=site.name)
+
+
+@pytest.mark.parametrize("formulation", ["dense", "ragged"])
+def test_gpt_oss_moe_layer_matches_transformers(formulation, monkeypatch):
+    """gpt-oss's MoE part (router bias, softmax over the top-k logits, experts with biases, clamped SwiGLU on
+    interleaved gate / up rows) equals transformers' GptOssMLP on copied random weights (fp32, 1e-5)."""
+    import transformers as T
+    from flax import nnx
+
+    from tx.models.config import ModelConfig, RopeConfig
+    from tx.models.families import _moe_gpt_oss
+    from tx.models.moe import MoE
+
+    hf_cfg = T.GptOssConfig(
+        hidden_size=24, intermediate_size=10, num_local_experts=5, num_experts_per_tok=3, swiglu_limit=1.5
+    )
+    torch.manual_seed(0)
+    ref = T.models.gpt_oss.modeling_gpt_oss.GptOssMLP(hf_cfg).float()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.5)
+    moe_cfg = _moe_gpt_oss(hf_cfg.to_dict(), "config.json")
+    cfg = ModelConfig(
+        family="gpt_oss", model_type="gpt_oss", architecture="GptOssForCausalLM", vocab_size=8, hidden_size=24,
+        intermediate_size=10, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=12, rms_norm_eps=1e-5,
+        max_positions=64, rope=RopeConfig(theta=1e4), moe=moe_cfg,
+    )  # fmt: skip
+    layer = MoE(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+    layer.router.weight.set_value(jnp.asarray(sd["router.weight"]))
+    layer.router.bias.set_value(jnp.asarray(sd["router.bias"]))
+    # transformers keeps experts as [E, in, out]; tx as [E, out, in] (PEFT's layout)
+    layer.experts.gate_up_proj.weight.set_value(jnp.asarray(sd["experts.gate_up_proj"].transpose(0, 2, 1)))
+    layer.experts.gate_up_proj.bias.set_value(jnp.asarray(sd["experts.gate_up_proj_bias"]))
+    layer.experts.down_proj.weight.set_value(jnp.asarray(sd["experts.down_proj"].transpose(0, 2, 1)))
+    layer.experts.down_proj.bias.set_value(jnp.asarray(sd["experts.down_proj_bias"]))
+    x = np.random.default_rng(1).standard_normal((2, 7, 24)).astype(np.float32)
+    with torch.no_grad():
+        want = ref(torch.tensor(x))[0].numpy()
+    monkeypatch.setenv("TX_MOE", formulation)
+    got, sums = layer(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
+    assert np.abs(want).max() > 0.1 and float(jnp.sum(sums.counts)) == 2 * 7 * 3
+
+
+def test_mxfp4_dequantisation_matches_transformers():
+    """MXFP4 blocks + scales (every FP4 code, scales around 2^0) dequantise as transformers' converter does."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from tx.models.mxfp4 import dequantize
+
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, size=(3, 6, 2, 16), dtype=np.uint8)  # [E, out, in / 32, 16]
+    scales = rng.integers(120, 134, size=(3, 6, 2), dtype=np.uint8)
+    want = convert_moe_packed_tensors(torch.tensor(blocks), torch.tensor(scales), dtype=torch.float32).numpy()
+    got = dequantize(blocks, scales)  # [E, out, in]; transformers transposes to its [E, in, out]
+    np.testing.assert_array_equal(got, want.transpose(0, 2, 1))
+    with pytest.raises(CheckpointError, match=r"blocks \(3, 6, 2, 16\) and scales \(3, 6\) do not match"):
+        dequantize(blocks, scales[..., 0])

@@ -77,10 +77,14 @@ def _weight_entries(model) -> list[tuple[str, tuple[int, ...], np.dtype, Callabl
             module = module.base
         var = getattr(module, attr)
         layer = _LayerCache(var, lora)
-        for hf, index in fills:
+        for hf, index, transpose in fills:
             shape = indexed_shape(tuple(var.shape), index)
             if not index:
                 entries.append((hf, shape, np.dtype(var.dtype), lambda var=var: host_array(var[...])))
+            elif transpose:  # written in the on-disk layout (last two axes swapped)
+                shape = (*shape[:-2], shape[-1], shape[-2])
+                produce = lambda index=index, layer=layer: np.ascontiguousarray(np.swapaxes(layer(index), -1, -2))  # noqa: E731
+                entries.append((hf, shape, np.dtype(var.dtype), produce))
             else:
                 entries.append((hf, shape, np.dtype(var.dtype), lambda index=index, layer=layer: layer(index)))
     return entries

@@ -30,7 +30,7 @@ from tx.adapters.lora import ALL_LINEAR, LoRAConfig, LoRALinear, LoRAParam, merg
 from tx.adapters.lora_experts import LoRAExperts, merge_experts
 from tx.errors import AdapterError, ConfigError
 from tx.models.block import Block
-from tx.models.families import EXPERT_PARAMETERS, LINEAR_MODULES
+from tx.models.families import EXPERT_PARAMETERS, LINEAR_MODULES, family_named
 from tx.models.layers import Linear
 from tx.models.moe import ExpertLinear
 
@@ -72,8 +72,10 @@ def linear_sites(model) -> list[LinearSite]:
     from tx.models.decoder import blocks
 
     sites = []
+    renamed = family_named(model.config.family).hf_modules
     for prefix, _, layer_ids in blocks(model):
         for name, (hf_module, tx_rel) in LINEAR_MODULES.items():
+            hf_module = renamed.get(name, hf_module)
             path = (*prefix, *tx_rel.split("."))
             if isinstance(module_at(model, path), Linear | LoRALinear):
                 sites.append(LinearSite(name, hf_module, path, layer_ids))

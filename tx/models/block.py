@@ -71,7 +71,8 @@ class Block(nnx.Module):
         return out
 
     def __call__(self, x: jax.Array, ctx: AttentionContext, kv=None):
-        new_kv = []
+        """-> (x, this layer's (k, v), :class:`~tx.models.moe.RouterSums` of an MoE part or None)."""
+        new_kv, router = [], []
         ctx = ctx.for_layer(self.spec)
 
         def attn(h):
@@ -79,6 +80,13 @@ class Block(nnx.Module):
             new_kv.append(kv_out)
             return out
 
+        def mlp(h):
+            if not isinstance(self.mlp, MoE):
+                return self.mlp(h)
+            out, sums = self.mlp(h, ctx.tokens)
+            router.append(sums)
+            return out
+
         x = self.attn_residual(x, lambda h: self._branch(self.attn_norm, attn, self.attn_post_norm, h))
-        x = self.mlp_residual(x, lambda h: self._branch(self.mlp_norm, self.mlp, self.mlp_post_norm, h))
-        return x, new_kv[0]
+        x = self.mlp_residual(x, lambda h: self._branch(self.mlp_norm, mlp, self.mlp_post_norm, h))
+        return x, new_kv[0], (router[0] if router else None)

@@ -15,9 +15,12 @@ from tx.models.rope import RopeConfig, parse_rope  # noqa: F401 - RopeConfig: im
 class MoEConfig:
     """A mixture-of-experts MLP: a router picks ``top_k`` of ``num_experts`` gated experts per token.
 
-    ``router``: "softmax_topk" (softmax over all experts, then top-k; Qwen-MoE, Mixtral). ``norm_topk_prob``
-    renormalises the chosen weights to sum 1. ``shared_expert_size`` > 0 adds an always-on gated MLP of that width
-    with a sigmoid gate (Qwen2-MoE). ``router_aux_loss_coef``: weight of the load-balancing loss (0: none).
+    ``router``: "softmax_topk" (softmax over all experts, then top-k; Qwen-MoE, Mixtral) or "topk_softmax" (top-k
+    of the logits, then a softmax over those k; gpt-oss). ``norm_topk_prob`` renormalises the chosen weights to sum
+    1. ``router_bias`` / ``expert_bias``: biases on the router and the experts (gpt-oss). ``activation``: "silu"
+    (gate rows then up rows) or "clamped_swiglu" (gpt-oss: interleaved rows, ``swiglu_alpha``, ``swiglu_limit``).
+    ``shared_expert_size`` > 0 adds an always-on gated MLP of that width with a sigmoid gate (Qwen2-MoE).
+    ``router_aux_loss_coef``: weight of the load-balancing loss (0: none).
     """
 
     num_experts: int
@@ -25,6 +28,11 @@ class MoEConfig:
     expert_size: int
     router: str = "softmax_topk"
     norm_topk_prob: bool = False
+    router_bias: bool = False
+    expert_bias: bool = False
+    activation: str = "silu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
     shared_expert_size: int = 0
     shared_expert_gate: bool = False
     router_aux_loss_coef: float = 0.0

@@ -1,4 +1,5 @@
-"""One decoder for every dense family: blocks stacked on a layer axis, run with ``jax.lax.scan`` or unrolled.
+"""One decoder for every family: segments of stacked blocks (:mod:`tx.models.segments`), each segment run with the
+layer scan or unrolled; a block (:mod:`tx.models.block`) is attention + a dense or MoE MLP part.
 
 Each block calls a *residual* module around attention and around the MLP::
 
@@ -29,6 +30,7 @@ from tx.models.block import Block, Residual  # noqa: F401 - Residual: the plain 
 from tx.models.config import ModelConfig
 from tx.models.layers import AttentionContext, Embed, Linear, norm, window_key
 from tx.models.matmul import einsum
+from tx.models.moe import RouterSums
 from tx.models.rope import rope_tables
 from tx.models.segments import SegmentPlan, plan_segments
 
@@ -56,12 +58,20 @@ class Segment(nnx.Module):
         self.blocks = nnx.List([Block(cfg, spec, stack=(plan.repeats,), dtype=dtype, rngs=rngs) for spec in plan.unit])
 
     def __call__(self, x: jax.Array, ctx: AttentionContext, kv=None):
-        """One repeat of the unit (inside the scan every block sees one layer's slice); kv: a tuple per block."""
-        new_kv = []
+        """One repeat of the unit (inside the scan every block sees one layer's slice); kv: a tuple per block.
+        Returns (x, new kv per block, the unit's summed :class:`~tx.models.moe.RouterSums` or None)."""
+        new_kv, router = [], None
         for u, block in enumerate(self.blocks):
-            x, out = block(x, ctx, None if kv is None else kv[u])
+            x, out, sums = block(x, ctx, None if kv is None else kv[u])
             new_kv.append(out)
-        return x, tuple(new_kv)
+            if sums is not None:
+                router = sums if router is None else router + sums
+        return x, tuple(new_kv), router
+
+    @property
+    def num_experts(self) -> int:
+        """Experts of the unit's MoE blocks (0: no MoE block)."""
+        return max((b.mlp.num_experts for b in self.blocks if b.spec.mlp == "moe"), default=0)
 
 
 class KVCache(NamedTuple):
@@ -136,6 +146,11 @@ class CausalLM(nnx.Module):
         hidden, _ = self.hidden_states(input_ids, attention_mask, positions, segment_ids)
         return self.project(hidden)
 
+    def hidden_states(self, input_ids, attention_mask=None, positions=None, segment_ids=None, cache=None):
+        """Run the stack; returns (final-normed hidden [B, S, C], updated KVCache or None)."""
+        hidden, cache, _ = self.forward(input_ids, attention_mask, positions, segment_ids, cache)
+        return hidden, cache
+
     def project(self, hidden: jax.Array, out_dtype=None) -> jax.Array:
         """Final hidden states [..., C] -> logits [..., vocab] (tied or separate head) in ``out_dtype`` (default:
         the hidden states' dtype; the loss asks for fp32, which costs no rounding pass over the logits).
@@ -163,8 +178,9 @@ class CausalLM(nnx.Module):
             return x * jnp.asarray(scale, x.dtype)
         return (x.astype(jnp.float32) * scale).astype(x.dtype)
 
-    def hidden_states(self, input_ids, attention_mask=None, positions=None, segment_ids=None, cache=None):
-        """Run the stack; returns (final-normed hidden [B, S, C], updated KVCache or None)."""
+    def forward(self, input_ids, attention_mask=None, positions=None, segment_ids=None, cache=None):
+        """:meth:`hidden_states` plus the routing totals of the MoE layers over the real tokens
+        (:class:`~tx.models.moe.RouterSums`, None for a model without MoE layers, and while decoding)."""
         b, s = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, s), jnp.int32) if segment_ids is None else segment_ids > 0
@@ -188,61 +204,72 @@ class CausalLM(nnx.Module):
                 window_key(w): attention_mask_matrix(idx, idx, attention_mask, segment_ids, segment_ids, w)
                 for w in windows
             }
-            ctx = AttentionContext(cos, sin, None, masks=masks, ropes=ropes)
+            ctx = AttentionContext(cos, sin, None, masks=masks, ropes=ropes, tokens=attention_mask)
         else:
             t = cache.valid.shape[1]
             q_idx = cache.index + jnp.arange(s)
             valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, cache.index))
             masks = {window_key(w): attention_mask_matrix(q_idx, jnp.arange(t), valid, window=w) for w in windows}
-            ctx = AttentionContext(cos, sin, None, cache.index, masks=masks, ropes=ropes)
+            ctx = AttentionContext(cos, sin, None, cache.index, masks=masks, ropes=ropes, tokens=attention_mask)
 
         x = self.streams.expand(self.embed_tokens(input_ids))
-        new_layers = []
+        new_layers, router = [], None
         for k, segment in enumerate(self.segments):
-            x, kv = self._run_segment(segment, x, ctx, None if cache is None else cache.layers[k])
+            x, kv, sums = self._run_segment(segment, x, ctx, None if cache is None else cache.layers[k])
             new_layers.append(kv)
+            if sums is not None:
+                router = sums if router is None else router + sums
         hidden = self.norm(self.streams.reduce(x))
         if cache is None:
-            return hidden, None
-        return hidden, KVCache(tuple(new_layers), valid, cache.index + s)
+            return hidden, None, router
+        return hidden, KVCache(tuple(new_layers), valid, cache.index + s), None
 
     def _run_segment(self, segment: Segment, x, ctx, kv):
-        """Run one segment's repeats: the layer scan, or unrolled (``scan_layers`` False)."""
+        """Run one segment's repeats: the layer scan, or unrolled (``scan_layers`` False). Returns (x, kv, router
+        sums): without a cache, a segment with MoE blocks carries its routing totals with x, so the load-balancing
+        loss is differentiable through the scan."""
+        experts = segment.num_experts
         if self.scan_layers and kv is None:
             # training and scoring: the scan with a written-out backward pass (see tx.models.layer_scan)
             graphdef, frozen, trained = nnx.split(segment, nnx.Param, ...)
 
-            def step(x, frozen, trained, ctx):
+            def step(carry, frozen, trained, ctx):
                 unit = nnx.merge(graphdef, frozen, trained)
-                return unit(x, ctx)[0], nnx.state(unit, nnx.RngState)  # random state it advanced
+                x, _, sums = unit(carry[0], ctx)
+                carry = (x,) if sums is None else (x, carry[1] + sums)
+                return carry, nnx.state(unit, nnx.RngState)  # random state it advanced
 
             if self.remat:
                 step = jax.checkpoint(step, policy=jax.checkpoint_policies.nothing_saveable)
-            x, rng_state = layer_scan.scan(step, x, frozen, trained, ctx)
+            carry = (x, RouterSums.zeros(experts)) if experts else (x,)
+            carry, rng_state = layer_scan.scan(step, carry, frozen, trained, ctx)
             nnx.update(segment, rng_state)
-            return x, None
+            return carry[0], None, (carry[1] if experts else None)
         graphdef, state = nnx.split(segment)
+
+        decoding = kv is not None
 
         def body(x, xs):
             unit_state, kv = xs
             unit = nnx.merge(graphdef, unit_state)
-            x, kv = unit(x, ctx, kv)
-            return x, (kv, nnx.state(unit, nnx.RngState))  # random state a layer advanced (e.g. LoRA dropout)
+            x, kv, sums = unit(x, ctx, kv)
+            sums = None if decoding else sums  # routing totals are a training quantity: not kept while decoding
+            return x, (kv, nnx.state(unit, nnx.RngState), sums)  # random state a layer advanced (LoRA dropout)
 
         if self.remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
         if self.scan_layers:
             # decoding: weights and the KV cache cross the scan as uint16 bits, as XLA:CPU would move bf16
             # slices and updates through fp32, converting the whole cache on every token (see layer_scan)
-            x, (kv, rng_state) = layer_scan.scan_as_bits(body, x, (state, kv))
+            x, (kv, rng_state, sums) = layer_scan.scan_as_bits(body, x, (state, kv))
         else:
             outs = []
             for i in range(segment.repeats):
                 x, out = body(x, jax.tree.map(lambda a, i=i: a[i], (state, kv)))
                 outs.append(out)
-            kv, rng_state = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+            kv, rng_state, sums = jax.tree.map(lambda *a: jnp.stack(a), *outs)
         nnx.update(segment, rng_state)
-        return x, kv
+        return x, kv, (None if sums is None else jax.tree.map(lambda a: jnp.sum(a, axis=0), sums))
 
 
 def blocks(model) -> list[tuple[tuple, Block, tuple[int, ...]]]:

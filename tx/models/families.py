@@ -32,6 +32,7 @@ class WeightSpec:
 
     tx_path: str
     rows: tuple[int, int] | None = None
+    transpose: bool = False  # stored with the last two axes swapped (gpt-oss's experts: [E, in, out])
 
 
 def _experts_key(data: dict) -> str:
@@ -43,7 +44,7 @@ def _moe_qwen(data: dict, path: str) -> MoEConfig | None:
     if not data.get(_experts_key(data)):
         return None
     shared = int(data.get("shared_expert_intermediate_size") or 0)
-    return MoEConfig(
+    moe = MoEConfig(
         num_experts=_positive(data, _experts_key(data), path),
         top_k=_positive(data, "num_experts_per_tok", path),
         expert_size=_positive(data, "moe_intermediate_size", path),
@@ -52,16 +53,45 @@ def _moe_qwen(data: dict, path: str) -> MoEConfig | None:
         shared_expert_gate=shared > 0,
         router_aux_loss_coef=float(data.get("router_aux_loss_coef") or 0.0),
     )
+    return _checked(moe, data, path)
 
 
 def _moe_mixtral(data: dict, path: str) -> MoEConfig:
-    return MoEConfig(
+    moe = MoEConfig(
         num_experts=_positive(data, "num_local_experts", path),
         top_k=_positive(data, "num_experts_per_tok", path),
         expert_size=_positive(data, "intermediate_size", path),
         norm_topk_prob=True,  # Mixtral always renormalises the chosen weights
         router_aux_loss_coef=float(data.get("router_aux_loss_coef") or 0.0),
     )
+    return _checked(moe, data, path)
+
+
+def _moe_gpt_oss(data: dict, path: str) -> MoEConfig:
+    """gpt-oss: router and experts with biases, softmax over the top-k logits, clamped SwiGLU."""
+    moe = MoEConfig(
+        num_experts=_positive(data, "num_local_experts", path),
+        top_k=_positive(data, "num_experts_per_tok", path),
+        expert_size=_positive(data, "intermediate_size", path),
+        router="topk_softmax",
+        router_bias=True,
+        expert_bias=True,
+        activation="clamped_swiglu",
+        swiglu_alpha=float(data.get("swiglu_alpha", 1.702)),
+        swiglu_limit=float(data.get("swiglu_limit", 7.0)),
+        router_aux_loss_coef=float(data.get("router_aux_loss_coef") or 0.0),
+    )
+    return _checked(moe, data, path)
+
+
+def _checked(moe: MoEConfig, data: dict, path: str) -> MoEConfig:
+    """Options tx cannot run name their key and value."""
+    if moe.top_k > moe.num_experts:
+        raise CheckpointError(
+            f"{path}: 'num_experts_per_tok' ({moe.top_k}) exceeds the number of experts ({moe.num_experts}, "
+            f"{_experts_key(data)!r}); a token cannot choose more experts than exist"
+        )
+    return moe
 
 
 def _positive(data: dict, key: str, path: str) -> int:
@@ -77,6 +107,20 @@ def _all_dense(data: dict, num_layers: int, window: int | None, path: str) -> tu
 
 def _all_moe(data: dict, num_layers: int, window: int | None, path: str) -> tuple[BlockSpec, ...]:
     return (BlockSpec(mlp="moe", window=window),) * num_layers
+
+
+def _layer_types_moe(data: dict, num_layers: int, window: int | None, path: str) -> tuple[BlockSpec, ...]:
+    """Every layer MoE; ``layer_types`` picks sliding ("sliding_attention", the config's window) or full attention."""
+    types = data.get("layer_types") or ["full_attention"] * num_layers
+    known = ("sliding_attention", "full_attention")
+    if not isinstance(types, list) or len(types) != num_layers or any(t not in known for t in types):
+        raise CheckpointError(
+            f"{path}: 'layer_types' must list one of {known} per layer ({num_layers}), found {types!r}"
+        )
+    size = data.get("sliding_window")
+    if "sliding_attention" in types and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise CheckpointError(f"{path}: sliding layers need 'sliding_window' >= 1, found {size!r}")
+    return tuple(BlockSpec(mlp="moe", window=size if t == "sliding_attention" else None) for t in types)
 
 
 def _qwen_moe_layers(data: dict, num_layers: int, window: int | None, path: str) -> tuple[BlockSpec, ...]:
@@ -220,6 +264,8 @@ class Family:
     options: Callable[[dict, str, int], dict] | None = None
     rope_parameters: Callable[[dict], dict | None] | None = None
     default_layer_types: Callable[[dict, int], list[str]] | None = None
+    # HF module paths that differ from LINEAR_MODULES' (site name -> path inside model.layers.{i})
+    hf_modules: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -329,6 +375,15 @@ FAMILIES: tuple[Family, ...] = (
         sliding_window_key=lambda cfg: bool(cfg.get("use_sliding_window", False)),
         layer_specs=_smollm3_layers,
     ),
+    Family(
+        "gpt_oss",
+        ("GptOssForCausalLM",),
+        ("gpt_oss",),
+        moe=_moe_gpt_oss,
+        layer_specs=_layer_types_moe,
+        moe_weights="gpt_oss",
+        hf_modules={"gate": "mlp.router"},
+    ),
 )
 
 
@@ -407,6 +462,14 @@ MOE_WEIGHTS: dict[str, dict[str, WeightSpec]] = {
         "mlp.shared_expert.up_proj.weight": WeightSpec("mlp.shared_expert.up_proj.weight"),
         "mlp.shared_expert.down_proj.weight": WeightSpec("mlp.shared_expert.down_proj.weight"),
         "mlp.shared_expert_gate.weight": WeightSpec("mlp.shared_expert_gate.weight"),
+    },
+    "gpt_oss": {  # fused on disk, [E, in, out] (or MXFP4 blocks of the transposed weight: see tx.models.mxfp4)
+        "mlp.router.weight": WeightSpec("mlp.router.weight"),
+        "mlp.router.bias": WeightSpec("mlp.router.bias"),
+        "mlp.experts.gate_up_proj": WeightSpec("mlp.experts.gate_up_proj.weight", transpose=True),
+        "mlp.experts.gate_up_proj_bias": WeightSpec("mlp.experts.gate_up_proj.bias"),
+        "mlp.experts.down_proj": WeightSpec("mlp.experts.down_proj.weight", transpose=True),
+        "mlp.experts.down_proj_bias": WeightSpec("mlp.experts.down_proj.bias"),
     },
     "mixtral": {
         "block_sparse_moe.gate.weight": WeightSpec("mlp.router.weight"),

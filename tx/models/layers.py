@@ -122,6 +122,7 @@ class AttentionContext(NamedTuple):
     cache_index: jax.Array | None = None  # scalar int: where new keys are written in the KV cache
     masks: dict | None = None
     ropes: dict | None = None  # rope key -> (cos, sin), one per rope the model's layers use
+    tokens: jax.Array | None = None  # [B, S] bool: the real (non-padding) tokens; what router statistics count
 
     def for_window(self, window: int | None) -> AttentionContext:
         return self._replace(mask=self.masks[window_key(window)]) if self.masks else self

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ from tx.errors import CheckpointError
 from tx.models.config import ModelConfig, load_config
 from tx.models.decoder import CausalLM
 from tx.models.families import GLOBAL_WEIGHTS, block_weights, family_named
+from tx.models.mxfp4 import dequantize
 from tx.models.segments import plan_segments
 from tx.safetensors_io import open_checkpoint
 
@@ -40,7 +42,13 @@ def abstract_model(cfg: ModelConfig, dtype=jnp.float32) -> CausalLM:
     return nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
 
 
-Fill = tuple[str, tuple]  # (HF key, index into the tx parameter it fills: layer, expert, rows)
+class Fill(NamedTuple):
+    """One on-disk tensor of a tx parameter: its HF key, the index it fills (layer, expert, rows) and whether it is
+    stored transposed in its last two axes (gpt-oss's experts: [E, in, out] on disk, [E, out, in] in tx)."""
+
+    key: str
+    index: tuple
+    transpose: bool = False
 
 
 def weight_plan(cfg: ModelConfig, state: nnx.State) -> dict[str, list[Fill]]:
@@ -50,7 +58,7 @@ def weight_plan(cfg: ModelConfig, state: nnx.State) -> dict[str, list[Fill]]:
     plan: dict[str, list[Fill]] = {}
     for hf, tx_path in GLOBAL_WEIGHTS.items():
         if tx_path in flat:
-            plan[tx_path] = [(hf, ())]
+            plan[tx_path] = [Fill(hf, ())]
     for prefix, block, layer_ids in block_layout(cfg):
         for suffix, spec in block_weights(family, block).items():
             tx_path = ".".join(map(str, prefix)) + "." + spec.tx_path
@@ -62,9 +70,9 @@ def weight_plan(cfg: ModelConfig, state: nnx.State) -> dict[str, list[Fill]]:
             for r, layer in enumerate(layer_ids):
                 key = f"model.layers.{layer}.{suffix}"
                 if "{j}" in suffix:
-                    fills += [(key.format(j=j), (r, j, *rows)) for j in range(cfg.moe.num_experts)]
+                    fills += [Fill(key.format(j=j), (r, j, *rows)) for j in range(cfg.moe.num_experts)]
                 else:
-                    fills.append((key, (r, *rows)))
+                    fills.append(Fill(key, (r, *rows), spec.transpose))
     return plan
 
 
@@ -114,15 +122,15 @@ def load_model(name_or_path: str | os.PathLike, *, dtype="float32", mesh=None, c
         for tx_path, fills in plan.items():
             var = flat[by_path[tx_path]]
             buf = np.empty(var.shape, dtype=np.dtype(dtype))
-            for key, index in fills:
-                src = where[key].get(key)
+            for key, index, transpose in fills:
+                src = read_tensor(where, key)
                 dst = buf[index]
-                np.copyto(dst, src, casting="unsafe")
+                np.copyto(dst, np.swapaxes(src, -1, -2) if transpose else src, casting="unsafe")
                 del src
-                where[key].release(key)
+                release_tensor(where, key)
                 if check_finite and not np.isfinite(dst).all():
                     raise CheckpointError(
-                        f"{where[key].path.name}: tensor {key!r} holds NaN or Inf values; the checkpoint is "
+                        f"{_file_of(where, key)}: tensor {key!r} holds NaN or Inf values; the checkpoint is "
                         "corrupt or was saved after a diverged run"
                     )
             sharding = sharding_for(mesh, var.get_metadata().get("axes"), var.shape)
@@ -134,20 +142,52 @@ def load_model(name_or_path: str | os.PathLike, *, dtype="float32", mesh=None, c
     return model
 
 
+MXFP4_SUFFIXES = ("_blocks", "_scales")  # a weight stored as MXFP4 (gpt-oss on the hub): see tx.models.mxfp4
+
+
+def read_tensor(where: dict, key: str) -> np.ndarray:
+    """The tensor ``key`` as transformers holds it in memory (a view of the file; :func:`release_tensor` after
+    use): MXFP4 ``key_blocks`` + ``key_scales`` are dequantised (they store the last two axes swapped)."""
+    if key in where:
+        return where[key].get(key)
+    blocks, scales = (where[key + s].get(key + s) for s in MXFP4_SUFFIXES)
+    return np.swapaxes(dequantize(blocks, scales, key), -1, -2)
+
+
+def release_tensor(where: dict, key: str) -> None:
+    for name in (key,) if key in where else tuple(key + s for s in MXFP4_SUFFIXES):
+        where[name].release(name)
+
+
+def _mxfp4_shape(where: dict, key: str) -> tuple[int, ...]:
+    blocks = tuple(where[key + "_blocks"].shape(key + "_blocks"))
+    return (*blocks[:-3], blocks[-2] * blocks[-1] * 2, blocks[-3])
+
+
+def _file_of(where: dict, key: str) -> str:
+    f = where.get(key) or where.get(key + "_blocks")
+    return f.path.name if f is not None else key
+
+
 def _check_keys(folder: Path, cfg, plan, flat, by_path, where) -> None:
     problems = []
     expected = set()
     for tx_path, fills in plan.items():
         shape = flat[by_path[tx_path]].shape
-        for key, index in fills:
+        for key, index, transpose in fills:
             want = indexed_shape(shape, index)
-            expected.add(key)
-            if key not in where:
+            if transpose:
+                want = (*want[:-2], want[-1], want[-2])
+            if key not in where and all(key + s in where for s in MXFP4_SUFFIXES):
+                expected.update(key + s for s in MXFP4_SUFFIXES)
+                found = _mxfp4_shape(where, key)
+            else:
+                expected.add(key)
+                found = tuple(where[key].shape(key)) if key in where else None
+            if found is None:
                 problems.append(f"missing tensor {key!r} (expected shape {tuple(want)})")
-            elif tuple(where[key].shape(key)) != tuple(want):
-                problems.append(
-                    f"tensor {key!r} has shape {tuple(where[key].shape(key))} but config.json implies {tuple(want)}"
-                )
+            elif found != tuple(want):
+                problems.append(f"tensor {key!r} has shape {found} but config.json implies {tuple(want)}")
     extra = sorted(k for k in where if k not in expected and not k.endswith(IGNORED_SUFFIXES))
     if cfg.tie_word_embeddings:
         extra = [k for k in extra if k != "lm_head.weight"]  # some writers keep the tied copy

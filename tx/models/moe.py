@@ -16,17 +16,22 @@ Two formulations compute the same function:
   the routed FLOPs only.
 
 ``TX_MOE=dense`` or ``TX_MOE=ragged`` overrides the choice by backend.
+
+Every call also returns :class:`RouterSums` over its real tokens: what the trainer reports (tokens per expert,
+dropped tokens) and what the load-balancing loss needs (:func:`load_balancing_loss`, transformers'
+``load_balancing_loss_func`` over the concatenated layers).
 """
 
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tx.models.config import ModelConfig
+from tx.models.config import ModelConfig, MoEConfig
 from tx.models.layers import MLP, Linear, _param, swiglu
 from tx.models.matmul import einsum
 
@@ -38,40 +43,101 @@ def formulation() -> str:
     return "dense" if jax.default_backend() == "cpu" else "ragged"
 
 
-class ExpertLinear(nnx.Module):
-    """Per-expert projections ``y_e = W_e x`` with ``weight [*stack, E, out, in]``."""
+class RouterSums(NamedTuple):
+    """Routing totals over real tokens, summed over the MoE layers: ``counts [E]`` choices per expert, ``probs [E]``
+    router probabilities, ``tokens`` (token, layer) pairs, ``routed`` choices made (tokens x top_k)."""
 
-    def __init__(self, experts: int, d_in: int, d_out: int, *, axes, stack=(), dtype, rngs):
+    counts: jax.Array
+    probs: jax.Array
+    tokens: jax.Array
+    routed: jax.Array
+
+    @classmethod
+    def zeros(cls, experts: int) -> RouterSums:
+        z = jnp.zeros((), jnp.float32)
+        return cls(jnp.zeros((experts,), jnp.float32), jnp.zeros((experts,), jnp.float32), z, z)
+
+    def __add__(self, other: RouterSums) -> RouterSums:  # type: ignore[override]
+        return RouterSums(*(a + b for a, b in zip(self, other)))
+
+
+def load_balancing_loss(sums: RouterSums) -> jax.Array:
+    """Switch-style auxiliary loss ``E * sum_e f_e * P_e`` (f: share of the choices per token, P: mean router
+    probability), over every (token, MoE layer) pair as transformers computes it; 0 without tokens."""
+    n = jnp.maximum(sums.tokens, 1.0)
+    return sums.counts.shape[0] * jnp.sum((sums.counts / n) * (sums.probs / n))
+
+
+def router_metrics(sums: RouterSums) -> dict[str, jax.Array]:
+    """Scalars for the trainer's log: the busiest and idlest expert's share relative to an even split (1.0 = even),
+    the load-balancing loss and the dropped choices (routed - computed; 0, the layer is dropless)."""
+    mean = jnp.maximum(jnp.mean(sums.counts), 1e-9)
+    return {
+        "router_max_load": jnp.max(sums.counts) / mean,
+        "router_min_load": jnp.min(sums.counts) / mean,
+        "router_aux_loss": load_balancing_loss(sums),
+        "router_dropped": sums.routed - jnp.sum(sums.counts),
+    }
+
+
+class ExpertLinear(nnx.Module):
+    """Per-expert projections ``y_e = W_e x (+ b_e)``: ``weight [*stack, E, out, in]``, ``bias [*stack, E, out]``."""
+
+    def __init__(self, experts: int, d_in: int, d_out: int, *, axes, bias=False, stack=(), dtype, rngs):
         lead = ("layers",) * len(stack)
         self.weight = _param(rngs, (*stack, experts, d_out, d_in), (*lead, "expert", axes[1], axes[0]), dtype)
+        self.bias = _param(rngs, (*stack, experts, d_out), (*lead, "expert", axes[1]), dtype) if bias else None
 
     def dense(self, x: jax.Array) -> jax.Array:
         """x: [T, in] (every expert sees the token) or [T, E, in] -> [T, E, out]."""
         w = self.weight[...].astype(x.dtype)
-        if x.ndim == 2:
-            return einsum("ti,eoi->teo", x, w)
-        return einsum("tei,eoi->teo", x, w)
+        y = einsum("ti,eoi->teo", x, w) if x.ndim == 2 else einsum("tei,eoi->teo", x, w)
+        return y if self.bias is None else y + self.bias[...].astype(y.dtype)
 
     def ragged(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
         """x: [N, in] rows sorted by expert, ``group_sizes [E]`` rows each -> [N, out]."""
         w = jnp.swapaxes(self.weight[...].astype(x.dtype), -1, -2)
-        return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32).astype(x.dtype)
+        y = jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32).astype(x.dtype)
+        if self.bias is None:
+            return y
+        return y + jnp.repeat(self.bias[...].astype(y.dtype), group_sizes, axis=0, total_repeat_length=x.shape[0])
+
+
+def clamped_swiglu(gate: jax.Array, up: jax.Array, alpha: float, limit: float) -> jax.Array:
+    """gpt-oss's gated unit: ``(clip(up, -l, l) + 1) * g * sigmoid(alpha * g)`` with ``g = min(gate, l)``."""
+    gate = jnp.minimum(gate, limit)
+    up = jnp.clip(up, -limit, limit)
+    return (up + 1) * (gate * jax.nn.sigmoid(gate * alpha))
 
 
 class Experts(nnx.Module):
-    """``E`` gated SiLU experts of width ``I``, fused as ``gate_up_proj`` and ``down_proj``."""
+    """``E`` gated experts of width ``I``, fused as ``gate_up_proj`` and ``down_proj``.
 
-    def __init__(self, experts: int, hidden: int, width: int, *, stack=(), dtype, rngs):
+    The gated unit is SiLU (Qwen-MoE, Mixtral; gate rows first, then up) or gpt-oss's clamped SwiGLU (gate and up
+    rows interleaved, as its checkpoints store them), per :class:`~tx.models.config.MoEConfig`.
+    """
+
+    def __init__(self, moe: MoEConfig, hidden: int, *, stack=(), dtype, rngs):
+        experts, width = moe.num_experts, moe.expert_size
         self.num_experts, self.width = experts, width
+        self.activation, self.alpha, self.limit = moe.activation, moe.swiglu_alpha, moe.swiglu_limit
+        bias = moe.expert_bias
         self.gate_up_proj = ExpertLinear(
-            experts, hidden, 2 * width, axes=("fsdp", "tp"), stack=stack, dtype=dtype, rngs=rngs
+            experts, hidden, 2 * width, axes=("fsdp", "tp"), bias=bias, stack=stack, dtype=dtype, rngs=rngs
         )
-        self.down_proj = ExpertLinear(experts, width, hidden, axes=("tp", "fsdp"), stack=stack, dtype=dtype, rngs=rngs)
+        self.down_proj = ExpertLinear(
+            experts, width, hidden, axes=("tp", "fsdp"), bias=bias, stack=stack, dtype=dtype, rngs=rngs
+        )
+
+    def _gated(self, h: jax.Array) -> jax.Array:
+        if self.activation == "clamped_swiglu":
+            return clamped_swiglu(h[..., 0::2], h[..., 1::2], self.alpha, self.limit)
+        return swiglu(h[..., : self.width], h[..., self.width :])
 
     def dense(self, x: jax.Array, weights: jax.Array) -> jax.Array:
         """x: [T, C], weights [T, E] (0 for experts not chosen) -> [T, C]."""
         h = self.gate_up_proj.dense(x)
-        y = self.down_proj.dense(swiglu(h[..., : self.width], h[..., self.width :]))
+        y = self.down_proj.dense(self._gated(h))
         return einsum("te,tec->tc", weights.astype(y.dtype), y)
 
     def ragged(self, x: jax.Array, top_w: jax.Array, top_i: jax.Array) -> jax.Array:
@@ -83,7 +149,7 @@ class Experts(nnx.Module):
         group_sizes = jnp.bincount(flat, length=self.num_experts).astype(jnp.int32)
         xs = jnp.take(x, tokens, axis=0)
         h = self.gate_up_proj.ragged(xs, group_sizes)
-        y = self.down_proj.ragged(swiglu(h[:, : self.width], h[:, self.width :]), group_sizes)
+        y = self.down_proj.ragged(self._gated(h), group_sizes)
         y = y * jnp.take(top_w.reshape(-1), order).astype(y.dtype)[:, None]
         return jnp.zeros((t, x.shape[-1]), y.dtype).at[tokens].add(y)
 
@@ -95,8 +161,11 @@ class MoE(nnx.Module):
         moe = cfg.moe
         c = cfg.hidden_size
         self.top_k, self.norm_topk_prob, self.num_experts = moe.top_k, moe.norm_topk_prob, moe.num_experts
-        self.router = Linear(c, moe.num_experts, bias=False, axes=("fsdp", None), stack=stack, dtype=dtype, rngs=rngs)
-        self.experts = Experts(moe.num_experts, c, moe.expert_size, stack=stack, dtype=dtype, rngs=rngs)
+        self.router_kind = moe.router
+        self.router = Linear(
+            c, moe.num_experts, bias=moe.router_bias, axes=("fsdp", None), stack=stack, dtype=dtype, rngs=rngs
+        )
+        self.experts = Experts(moe, c, stack=stack, dtype=dtype, rngs=rngs)
         if moe.shared_expert_size:
             self.shared_expert = MLP(cfg, width=moe.shared_expert_size, stack=stack, dtype=dtype, rngs=rngs)
             self.shared_expert_gate = Linear(c, 1, bias=False, axes=("fsdp", None), stack=stack, dtype=dtype, rngs=rngs)
@@ -106,16 +175,20 @@ class MoE(nnx.Module):
     def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x: [T, C] -> (router logits [T, E] fp32, chosen weights [T, k] in x's dtype, chosen experts [T, k])."""
         logits = self.router(x).astype(jnp.float32)
+        if self.router_kind == "topk_softmax":  # gpt-oss: the top-k logits, then a softmax over them
+            top_logits, top_i = jax.lax.top_k(logits, self.top_k)
+            return logits, jax.nn.softmax(top_logits, axis=-1).astype(x.dtype), top_i
         probs = jax.nn.softmax(logits, axis=-1)
         top_w, top_i = jax.lax.top_k(probs, self.top_k)
         if self.norm_topk_prob:
             top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
         return logits, top_w.astype(x.dtype), top_i
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, tokens: jax.Array | None = None) -> tuple[jax.Array, RouterSums]:
+        """x [B, S, C] (tokens: [B, S] bool, the real ones; None = all) -> (out [B, S, C], this layer's sums)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        _, top_w, top_i = self.route(flat)
+        logits, top_w, top_i = self.route(flat)
         if formulation() == "dense":
             weights = jnp.zeros((flat.shape[0], self.num_experts), top_w.dtype)
             weights = weights.at[jnp.arange(flat.shape[0])[:, None], top_i].set(top_w)
@@ -125,4 +198,12 @@ class MoE(nnx.Module):
         if self.shared_expert is not None:
             gate = jax.nn.sigmoid(self.shared_expert_gate(flat))
             out = out + gate * self.shared_expert(flat)
-        return out.reshape(shape)
+        real = jnp.ones((flat.shape[0],), jnp.float32) if tokens is None else tokens.reshape(-1).astype(jnp.float32)
+        probs = jax.nn.softmax(logits, axis=-1)
+        sums = RouterSums(
+            counts=jnp.einsum("t,tke->e", real, jax.nn.one_hot(top_i, self.num_experts, dtype=jnp.float32)),
+            probs=jnp.einsum("t,te->e", real, probs),
+            tokens=jnp.sum(real),
+            routed=jnp.sum(real) * self.top_k,
+        )
+        return out.reshape(shape), sums

@@ -80,7 +80,14 @@ token_losses_sum.defvjp(_token_losses_fwd, _token_losses_bwd)
 
 def model_loss_sum(model, batch, chunk: int = 2048):
     """(sum of token losses, number of loss tokens) of a tx model on a batch from :mod:`tx.train.data`."""
-    hidden, _ = model.hidden_states(
+    total, count, _ = model_loss_terms(model, batch, chunk)
+    return total, count
+
+
+def model_loss_terms(model, batch, chunk: int = 2048):
+    """(sum of token losses, number of loss tokens, routing totals of the MoE layers or None)."""
+    hidden, _, router = model.forward(
         batch["input_ids"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids")
     )
-    return cross_entropy_sum(hidden, batch["targets"], batch["loss_mask"], model.project, chunk)
+    total, count = cross_entropy_sum(hidden, batch["targets"], batch["loss_mask"], model.project, chunk)
+    return total, count, router

@@ -29,6 +29,7 @@ import optax
 from flax import nnx
 
 from tx.errors import CheckpointError, ConfigError, TxError
+from tx.models.moe import load_balancing_loss, router_metrics
 from tx.multihost import agree, is_writer
 from tx.safetensors_io import atomic_write_bytes, write_error
 from tx.sharding import shard_state
@@ -40,7 +41,7 @@ from tx.train.checkpoint import (
     remove_stale,
     save_checkpoint,
 )
-from tx.train.loss import model_loss_sum
+from tx.train.loss import model_loss_sum, model_loss_terms
 
 RUN_MARKER = "tx_run.json"
 # TrainConfig fields that decide which batch each step sees: a resumed run must keep them to continue exactly.
@@ -82,6 +83,9 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    # load-balancing loss of MoE routers: None = the checkpoint's router_aux_loss_coef when the router has LoRA,
+    # else 0; a number applies it whatever trains
+    router_aux_loss_coef: float | None = None
 
     def __post_init__(self):
         def is_int(value):
@@ -99,7 +103,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not is_int(value) or value < 0:
                 raise ConfigError(f"TrainConfig.{name} must be an integer >= 0, got {value!r}")
-        for name in ("lr", "connector_lr", "weight_decay"):
+        for name in ("lr", "connector_lr", "weight_decay", "router_aux_loss_coef"):
             value = getattr(self, name)
             if (value is not None or name == "weight_decay") and not (is_number(value) and value >= 0):
                 raise ConfigError(f"TrainConfig.{name} must be a finite number >= 0, got {value!r}")
@@ -150,6 +154,19 @@ class TrainConfig:
         )
 
 
+def _router_aux_coef(model, config: TrainConfig) -> float:
+    """The load-balancing loss weight (see :attr:`TrainConfig.router_aux_loss_coef`)."""
+    if config.router_aux_loss_coef is not None:
+        return float(config.router_aux_loss_coef)
+    moe = getattr(model.config, "moe", None)
+    if moe is None:
+        return 0.0
+    from tx.adapters.attach import lora_modules
+
+    router_trains = any(site.name == "gate" for site, _ in lora_modules(model))
+    return float(moe.router_aux_loss_coef) if router_trains else 0.0
+
+
 def trainable_filters():
     """(LoRA filter, connector filter): the two groups of trainable state, each with its own learning rate."""
     from tx.adapters.connector import ConnectorParam
@@ -188,6 +205,7 @@ class Trainer:
             k: optax.adamw(s, b1=0.9, b2=0.999, weight_decay=config.weight_decay) for k, s in self.schedules.items()
         }
         self.opt_state = {k: self.optimizers[k].init(self.states[k]) for k in self.states}
+        self.aux_coef = _router_aux_coef(model, config)
         self.step_count = 0
         self._train_step = jax.jit(self._step_fn, donate_argnums=(0, 1, 2))
         self._eval_step = jax.jit(self._eval_fn)
@@ -197,27 +215,33 @@ class Trainer:
         # copy=True: fresh Variables at this trace level (inside value_and_grad); LoRA dropout advances its
         # keys in place, and nnx refuses to mutate a Variable created at the outer (jit) level
         model = nnx.merge(self.graphdef, states["lora"], states["connector"], rng, rest, copy=True)
-        total, count = model_loss_sum(model, batch, self.config.loss_chunk)
-        return total, (count, nnx.state(model, nnx.RngState))
+        total, count, router = model_loss_terms(model, batch, self.config.loss_chunk)
+        objective = total
+        if router is not None and self.aux_coef:  # a mean over tokens after the division by the loss tokens
+            objective = total + self.aux_coef * load_balancing_loss(router) * count
+        return objective, (count, nnx.state(model, nnx.RngState), total, router)
 
     def _step_fn(self, states, opt_state, rng, rest, batches, step):
         """batches: dict of [accum, B, S] arrays. Returns (states, opt_state, rng, metrics)."""
 
-        def grads_of(rng, mb):  # -> (gradient sums, loss sum, loss tokens, advanced rng) of one micro-batch
-            (loss, (count, rng)), grads = jax.value_and_grad(self._loss, has_aux=True)(states, rng, rest, mb)
-            return grads, loss, count, rng
+        def grads_of(rng, mb):  # -> (gradient sums, loss sum, loss tokens, advanced rng, router sums) of a micro-batch
+            (_, (count, rng, loss, router)), grads = jax.value_and_grad(self._loss, has_aux=True)(states, rng, rest, mb)
+            return grads, loss, count, rng, router
 
         def micro(carry, mb):
-            grads, loss, count, rng = carry
-            g, part, n, rng = grads_of(rng, mb)
-            return (jax.tree.map(jnp.add, grads, g), loss + part, count + n, rng), None
+            grads, loss, count, rng, router = carry
+            g, part, n, rng, r = grads_of(rng, mb)
+            router = None if r is None else router + r
+            return (jax.tree.map(jnp.add, grads, g), loss + part, count + n, rng, router), None
 
         if jax.tree.leaves(batches)[0].shape[0] == 1:  # no accumulation: no loop, no zero-filled sums
-            grads, loss, count, rng = grads_of(rng, jax.tree.map(lambda a: a[0], batches))
+            grads, loss, count, rng, router = grads_of(rng, jax.tree.map(lambda a: a[0], batches))
         else:
             zeros = jax.tree.map(jnp.zeros_like, states)
-            init = (zeros, jnp.zeros(()), jnp.zeros(()), rng)
-            (grads, loss, count, rng), _ = jax.lax.scan(micro, init, batches)
+            first = jax.eval_shape(grads_of, rng, jax.tree.map(lambda a: a[0], batches))[4]
+            router = None if first is None else jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), first)
+            init = (zeros, jnp.zeros(()), jnp.zeros(()), rng, router)
+            (grads, loss, count, rng, router), _ = jax.lax.scan(micro, init, batches)
         denom = jnp.maximum(count, 1.0)
         norm = optax.tree.norm(grads) / denom
         scale = 1.0 / denom  # the mean over loss tokens and the clipping in one multiply
@@ -229,6 +253,8 @@ class Trainer:
             updates, new_opt[k] = opt.update(grads[k], opt_state[k], states[k])
             new_states[k] = optax.apply_updates(states[k], updates)
         metrics = {"loss": loss / denom, "grad_norm": norm, "loss_tokens": count, "lr": self.schedules["lora"](step)}
+        if router is not None:  # MoE: how evenly the experts were used, summed over the MoE layers
+            metrics.update(router_metrics(router))
         return new_states, new_opt, rng, metrics
 
     def _eval_fn(self, states, rng, rest, batch):
