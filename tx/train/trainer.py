@@ -31,7 +31,7 @@ from flax import nnx
 from tx.errors import CheckpointError, ConfigError, TxError
 from tx.multihost import agree, is_writer
 from tx.safetensors_io import atomic_write_bytes, write_error
-from tx.sharding import shard_state
+from tx.sharding import batch_sharding, on_mesh, shard_state, tx_mesh
 from tx.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -161,11 +161,13 @@ def trainable_filters():
 class Trainer:
     """Fine-tunes the adapters attached to ``model`` (see :func:`tx.attach`); the base stays frozen."""
 
-    def __init__(self, model, config: TrainConfig | None = None, *, mesh=None):
+    def __init__(self, model, config: TrainConfig | None = None, *, mesh=None, mesh_axes=None):
+        """``mesh``: any ``jax.sharding.Mesh`` (the one the model was loaded with); ``mesh_axes`` as in
+        :func:`tx.load_model` (which mesh axis plays "fsdp", "tp", "expert"; see :mod:`tx.sharding`)."""
         self.model = model
         self._tb = None  # TensorBoard writer of the current fit(), when tensorboardX is installed
         self.config = config = config or TrainConfig()
-        self.mesh = mesh
+        self.mesh = mesh = tx_mesh(mesh, mesh_axes)
         model.remat = config.remat
         model.scan_layers = config.scan_layers
         lora_f, conn_f = trainable_filters()
@@ -246,18 +248,17 @@ class Trainer:
                 raise ConfigError(f"batch of {v.shape[0]} rows cannot be split into grad_accum={a} micro-batches")
             v = v.reshape(a, v.shape[0] // a, *v.shape[1:])
             if self.mesh is not None:
-                from tx.sharding import batch_sharding
-
-                v = jax.device_put(v, batch_sharding(self.mesh, v.ndim))
+                v = jax.device_put(v, batch_sharding(self.mesh, v.ndim, v.shape[1]))
             out[k] = v
         return out
 
     def step(self, batch: dict[str, Any]) -> dict[str, float]:
         """One optimiser update on ``batch`` (dict of [B, S] arrays from :class:`tx.train.data.Dataset`)."""
         batches = self._prepare(batch)
-        self.states, self.opt_state, self.rng, metrics = self._train_step(
-            self.states, self.opt_state, self.rng, self.rest, batches, jnp.asarray(self.step_count)
-        )
+        with on_mesh(self.mesh):
+            self.states, self.opt_state, self.rng, metrics = self._train_step(
+                self.states, self.opt_state, self.rng, self.rest, batches, jnp.asarray(self.step_count)
+            )
         self.step_count += 1
         self._sync_model()
         return metrics
@@ -271,7 +272,8 @@ class Trainer:
         for i, batch in enumerate(data.eval_batches()):
             if max_batches is not None and i >= max_batches:
                 break
-            s, n = self._eval_step(self.states, self.rng, self.rest, {k: jnp.asarray(v) for k, v in batch.items()})
+            with on_mesh(self.mesh):
+                s, n = self._eval_step(self.states, self.rng, self.rest, {k: jnp.asarray(v) for k, v in batch.items()})
             total, count = total + float(s), count + float(n)
         return total / max(count, 1.0)
 
@@ -604,6 +606,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_bytes(path, lambda p: Path(p).write_text("".join(x + "\n" for x in keep)))
 
 
-def finetune(model, train_data, *, tokenizer=None, eval_data=None, mesh=None, **config) -> dict[str, Any]:
+def finetune(
+    model, train_data, *, tokenizer=None, eval_data=None, mesh=None, mesh_axes=None, **config
+) -> dict[str, Any]:
     """The common case in one call: ``Trainer(model, TrainConfig(**config)).fit(train_data, eval_data)``."""
-    return Trainer(model, TrainConfig(**config), mesh=mesh).fit(train_data, eval_data, tokenizer=tokenizer)
+    trainer = Trainer(model, TrainConfig(**config), mesh=mesh, mesh_axes=mesh_axes)
+    return trainer.fit(train_data, eval_data, tokenizer=tokenizer)
