@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -191,6 +192,7 @@ class Trainer:
         }
         self.opt_state = {k: self.optimizers[k].init(self.states[k]) for k in self.states}
         self.step_count = 0
+        self.clock = time.perf_counter  # read once per log record (a test may replace it)
         self._train_step = jax.jit(self._step_fn, donate_argnums=(0, 1, 2))
         self._eval_step = jax.jit(self._eval_fn)
 
@@ -305,20 +307,22 @@ class Trainer:
         self._tb = _tensorboard(out) if writer else None
         if metrics_file is not None:
             _truncate_metrics(metrics_file, start)
+        show = cfg.progress and is_writer()
+        lines = show and not _is_terminal(sys.stderr)  # a log file or CI: one plain line per log interval
         bar = tqdm(
             total=cfg.steps,
             initial=start,
-            disable=not (cfg.progress and is_writer()),
+            disable=not show or lines,
             desc="train",
             unit="step",
             dynamic_ncols=True,
         )
-        t0, tokens = time.perf_counter(), 0.0
-        pending = None
+        t0, tokens = self.clock(), 0.0  # tokens: real tokens of the steps dispatched since the last pending record
+        pending = None  # (metrics, step, tokens of the steps since the last record) of a step not yet flushed
         last_good = start
 
-        def flush(pending_metrics, step_done):
-            nonlocal t0, tokens
+        def flush(pending_metrics, step_done, interval_tokens):
+            nonlocal t0
             m = {k: float(v) for k, v in jax.device_get(pending_metrics).items()}
             if not math.isfinite(m["loss"]):
                 raise TrainingDiverged(
@@ -326,14 +330,20 @@ class Trainer:
                     f"(step {last_good}) is kept{' in ' + str(out / 'checkpoints') if out else ''}. "
                     "Lower --lr or check the data."
                 )
-            now = time.perf_counter()
-            # throughput of the steps since the last log line: all real (non-padding) tokens processed
-            rec = {"step": step_done, **m, "tokens_per_s": tokens / (now - t0) if now > t0 else 0.0}
-            t0, tokens = now, 0.0
+            now = self.clock()  # the step's metrics are on the host: it has finished
+            # throughput of the steps since the last record: their real (non-padding) tokens over their time
+            rec = {"step": step_done, **m, "tokens_per_s": interval_tokens / (now - t0) if now > t0 else 0.0}
+            t0 = now
             history.append(rec)
             if metrics_file is not None:
                 _append_line(metrics_file, rec, self._tb)
             bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            if lines:
+                print(
+                    f"train step {step_done}/{cfg.steps} loss {m['loss']:.4f} tok/s {rec['tokens_per_s']:.0f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             return rec
 
         try:
@@ -344,7 +354,9 @@ class Trainer:
                 bar.update(1)
                 if pending is not None:
                     flush(*pending)
-                pending = (metrics, step + 1) if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps else None
+                    pending = None
+                if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                    pending, tokens = (metrics, step + 1, tokens), 0.0
                 done = step + 1
                 if eval_data is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
                     if pending is not None:
@@ -563,6 +575,13 @@ def _check_batch(batch, vocab_size: int) -> dict[str, np.ndarray]:
                 "tokenizer does not match the model"
             )
     return batch
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
 
 
 def _tensorboard(out: Path):
