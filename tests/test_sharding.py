@@ -121,6 +121,6 @@ def test_mesh_spec_parsing():
     assert parse_mesh_spec("fsdp=4,tp=2") == {"fsdp": 4, "tp": 2}
     assert parse_mesh_spec("data=2, ep=4") == {"fsdp": 2, "expert": 4}
     assert "data" in ALIASES["fsdp"] and "model" in ALIASES["tp"]
-    for bad in ("fsdp=0", "pipe=2", "fsdp=2,data=2", "fsdp"):
+    for bad in ("fsdp=0", "pipe=2", "dp=8", "fsdp=2,data=2", "fsdp"):
         with pytest.raises(ConfigError, match="bad mesh"):
             parse_mesh_spec(bad)

@@ -28,8 +28,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 ROLES = ("fsdp", "tp", "expert")
 # mesh axis names taken for a role when mesh_axes does not name the role's axes
 ALIASES = {
-    "fsdp": ("fsdp", "data", "dp", "batch"),
-    "tp": ("tp", "model", "mp", "tensor"),
+    "fsdp": ("fsdp", "data"),
+    "tp": ("tp", "model", "tensor"),
     "expert": ("expert", "experts", "ep"),
 }
 # logical axis -> the mesh axes it may be split over, in order of preference
