@@ -1,4 +1,6 @@
-"""Decoding benchmark: greedy generation with the KV cache, tokens per second per dtype, on step.py's shape.
+"""Decoding benchmark: greedy generation with the KV cache, tokens per second per dtype, on step.py's shapes.
+
+``--preset stress`` (default) or ``wide``, with the same shape flags as step.py.
 
 Prints one JSON object. Each dtype is warmed up (compiled) on a short generation first; the timed run is
 ``--rounds`` generations of ``--new`` tokens for ``--batch`` prompts of ``--prompt`` tokens, best round reported.
@@ -15,7 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from step import add_shape_args, model_config
+from step import add_shape_args, model_config, resolve_shape
 
 
 def main():
@@ -27,6 +29,7 @@ def main():
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
+    resolve_shape(a)
     from tx.generate import generate_ids
     from tx.host_memory import keep_freed_memory
     from tx.models.decoder import CausalLM

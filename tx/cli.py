@@ -164,7 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--eval-every", type=int, default=0)
     t.add_argument("--save-every", type=int, default=0)
-    t.add_argument("--mesh", default=None, help="device mesh, e.g. fsdp=4,tp=2 (default: one device)")
+    t.add_argument(
+        "--mesh",
+        default=None,
+        help="device mesh, e.g. fsdp=4,tp=2 or fsdp=2,expert=4 (axes fsdp, tp, expert; also named data, model, ep; "
+        "default: one device)",
+    )
     d = p.add_argument_group("several hosts (run the same command on every host; see README)")
     d.add_argument("--distributed", action="store_true", help="join the other processes (jax.distributed.initialize)")
     d.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 (implies --distributed)")

@@ -100,12 +100,18 @@ def block_layout(cfg: ModelConfig):
     return out
 
 
-def load_model(name_or_path: str | os.PathLike, *, dtype="float32", mesh=None, check_finite: bool = True) -> CausalLM:
+def load_model(
+    name_or_path: str | os.PathLike, *, dtype="float32", mesh=None, mesh_axes=None, check_finite: bool = True
+) -> CausalLM:
     """Load a checkpoint (local folder or hub id) as a tx model.
 
-    dtype: parameter and compute dtype ("float32", "bfloat16", "float16"). mesh: a
-    ``jax.sharding.Mesh`` with axes "fsdp" and/or "tp"; each parameter is placed with its sharding.
+    dtype: parameter and compute dtype ("float32", "bfloat16", "float16"). mesh: any ``jax.sharding.Mesh``
+    (Explicit or Auto axes); each parameter is placed with its sharding. Its axes play tx's roles "fsdp", "tp"
+    and "expert" by name, or as ``mesh_axes`` says (``{"fsdp": "data", "tp": "model"}``; see :mod:`tx.sharding`).
     """
+    from tx.sharding import tx_mesh
+
+    mesh = tx_mesh(mesh, mesh_axes)  # before reading anything: a mesh tx cannot use says so at once
     folder = hub.resolve(name_or_path)
     cfg = load_config(folder)
     dtype = as_dtype(dtype)

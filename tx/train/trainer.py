@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -32,7 +33,7 @@ from tx.errors import CheckpointError, ConfigError, TxError
 from tx.models.moe import load_balancing_loss, router_metrics
 from tx.multihost import agree, is_writer
 from tx.safetensors_io import atomic_write_bytes, write_error
-from tx.sharding import shard_state
+from tx.sharding import batch_sharding, on_mesh, shard_state, tx_mesh
 from tx.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -195,11 +196,13 @@ def trainable_filters():
 class Trainer:
     """Fine-tunes the adapters attached to ``model`` (see :func:`tx.attach`); the base stays frozen."""
 
-    def __init__(self, model, config: TrainConfig | None = None, *, mesh=None):
+    def __init__(self, model, config: TrainConfig | None = None, *, mesh=None, mesh_axes=None):
+        """``mesh``: any ``jax.sharding.Mesh`` (the one the model was loaded with); ``mesh_axes`` as in
+        :func:`tx.load_model` (which mesh axis plays "fsdp", "tp", "expert"; see :mod:`tx.sharding`)."""
         self.model = model
         self._tb = None  # TensorBoard writer of the current fit(), when tensorboardX is installed
         self.config = config = config or TrainConfig()
-        self.mesh = mesh
+        self.mesh = mesh = tx_mesh(mesh, mesh_axes)
         model.remat = config.remat
         model.scan_layers = config.scan_layers
         lora_f, conn_f = trainable_filters()
@@ -224,6 +227,7 @@ class Trainer:
         self.opt_state = {k: self.optimizers[k].init(self.states[k]) for k in self.states}
         self.aux_coef = _router_aux_coef(model, config)
         self.step_count = 0
+        self.clock = time.perf_counter  # read once per log record (a test may replace it)
         self._train_step = jax.jit(self._step_fn, donate_argnums=(0, 1, 2))
         self._eval_step = jax.jit(self._eval_fn)
 
@@ -289,18 +293,17 @@ class Trainer:
                 raise ConfigError(f"batch of {v.shape[0]} rows cannot be split into grad_accum={a} micro-batches")
             v = v.reshape(a, v.shape[0] // a, *v.shape[1:])
             if self.mesh is not None:
-                from tx.sharding import batch_sharding
-
-                v = jax.device_put(v, batch_sharding(self.mesh, v.ndim))
+                v = jax.device_put(v, batch_sharding(self.mesh, v.ndim, v.shape[1]))
             out[k] = v
         return out
 
     def step(self, batch: dict[str, Any]) -> dict[str, float]:
         """One optimiser update on ``batch`` (dict of [B, S] arrays from :class:`tx.train.data.Dataset`)."""
         batches = self._prepare(batch)
-        self.states, self.opt_state, self.rng, metrics = self._train_step(
-            self.states, self.opt_state, self.rng, self.rest, batches, jnp.asarray(self.step_count)
-        )
+        with on_mesh(self.mesh):
+            self.states, self.opt_state, self.rng, metrics = self._train_step(
+                self.states, self.opt_state, self.rng, self.rest, batches, jnp.asarray(self.step_count)
+            )
         self.step_count += 1
         self._sync_model()
         return metrics
@@ -314,7 +317,8 @@ class Trainer:
         for i, batch in enumerate(data.eval_batches()):
             if max_batches is not None and i >= max_batches:
                 break
-            s, n = self._eval_step(self.states, self.rng, self.rest, {k: jnp.asarray(v) for k, v in batch.items()})
+            with on_mesh(self.mesh):
+                s, n = self._eval_step(self.states, self.rng, self.rest, {k: jnp.asarray(v) for k, v in batch.items()})
             total, count = total + float(s), count + float(n)
         return total / max(count, 1.0)
 
@@ -346,20 +350,22 @@ class Trainer:
         self._tb = _tensorboard(out) if writer else None
         if metrics_file is not None:
             _truncate_metrics(metrics_file, start)
+        show = cfg.progress and is_writer()
+        lines = show and not _is_terminal(sys.stderr)  # a log file or CI: one plain line per log interval
         bar = tqdm(
             total=cfg.steps,
             initial=start,
-            disable=not (cfg.progress and is_writer()),
+            disable=not show or lines,
             desc="train",
             unit="step",
             dynamic_ncols=True,
         )
-        t0, tokens = time.perf_counter(), 0.0
-        pending = None
+        t0, tokens = self.clock(), 0.0  # tokens: real tokens of the steps dispatched since the last pending record
+        pending = None  # (metrics, step, tokens of the steps since the last record) of a step not yet flushed
         last_good = start
 
-        def flush(pending_metrics, step_done):
-            nonlocal t0, tokens
+        def flush(pending_metrics, step_done, interval_tokens):
+            nonlocal t0
             m = {k: float(v) for k, v in jax.device_get(pending_metrics).items()}
             if not math.isfinite(m["loss"]):
                 raise TrainingDiverged(
@@ -367,14 +373,20 @@ class Trainer:
                     f"(step {last_good}) is kept{' in ' + str(out / 'checkpoints') if out else ''}. "
                     "Lower --lr or check the data."
                 )
-            now = time.perf_counter()
-            # throughput of the steps since the last log line: all real (non-padding) tokens processed
-            rec = {"step": step_done, **m, "tokens_per_s": tokens / (now - t0) if now > t0 else 0.0}
-            t0, tokens = now, 0.0
+            now = self.clock()  # the step's metrics are on the host: it has finished
+            # throughput of the steps since the last record: their real (non-padding) tokens over their time
+            rec = {"step": step_done, **m, "tokens_per_s": interval_tokens / (now - t0) if now > t0 else 0.0}
+            t0 = now
             history.append(rec)
             if metrics_file is not None:
                 _append_line(metrics_file, rec, self._tb)
             bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            if lines:
+                print(
+                    f"train step {step_done}/{cfg.steps} loss {m['loss']:.4f} tok/s {rec['tokens_per_s']:.0f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             return rec
 
         try:
@@ -385,7 +397,9 @@ class Trainer:
                 bar.update(1)
                 if pending is not None:
                     flush(*pending)
-                pending = (metrics, step + 1) if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps else None
+                    pending = None
+                if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                    pending, tokens = (metrics, step + 1, tokens), 0.0
                 done = step + 1
                 if eval_data is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
                     if pending is not None:
@@ -608,6 +622,13 @@ def _check_batch(batch, vocab_size: int) -> dict[str, np.ndarray]:
     return batch
 
 
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
+
+
 def _tensorboard(out: Path):
     """A tensorboardX writer for ``<out>/tensorboard`` when tensorboardX is installed, else None."""
     try:
@@ -649,6 +670,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_bytes(path, lambda p: Path(p).write_text("".join(x + "\n" for x in keep)))
 
 
-def finetune(model, train_data, *, tokenizer=None, eval_data=None, mesh=None, **config) -> dict[str, Any]:
+def finetune(
+    model, train_data, *, tokenizer=None, eval_data=None, mesh=None, mesh_axes=None, **config
+) -> dict[str, Any]:
     """The common case in one call: ``Trainer(model, TrainConfig(**config)).fit(train_data, eval_data)``."""
-    return Trainer(model, TrainConfig(**config), mesh=mesh).fit(train_data, eval_data, tokenizer=tokenizer)
+    trainer = Trainer(model, TrainConfig(**config), mesh=mesh, mesh_axes=mesh_axes)
+    return trainer.fit(train_data, eval_data, tokenizer=tokenizer)
