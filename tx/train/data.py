@@ -45,12 +45,14 @@ __all__ = ["Dataset", "Record", "Source", "TokenStore", "read_records", "split_e
 
 @dataclass(frozen=True)
 class Source:
-    """Where data is and how to read it: ``path`` (file, folder or hub dataset id), the ``split`` and a column
-    mapping ``{tx name: column}`` (or ``"prompt=question,completion=answer"``)."""
+    """Where data is and how to read it: ``path`` (file, folder or hub dataset id), the ``split``, a column
+    mapping ``{tx name: column}`` (or ``"prompt=question,completion=answer"``) and the token cache folder
+    (None: the default; False: tokenise in memory)."""
 
     path: str | os.PathLike
     split: str = "train"
     columns: Mapping[str, str] | str | None = field(default=None, hash=False)
+    cache_dir: str | os.PathLike | bool | None = None
 
     def files(self):
         return readers.data_files(self.path, self.split)
@@ -87,7 +89,8 @@ def read_records(
     """
     source = as_source(data)
     if split is not None or columns is not None:
-        source = Source(source.path, split or source.split, columns if columns is not None else source.columns)
+        columns = columns if columns is not None else source.columns
+        source = Source(source.path, split or source.split, columns, source.cache_dir)
     mapping = source.mapping
     records = [r for b in readers.blocks(source.files()) for r in block_records(b.load(), mapping)]
     if not records:
@@ -340,6 +343,8 @@ def tokens(
         return TokenStore.from_docs(tokenize(tokenizer, _validated(data)), "records")
     source = as_source(data)
     files, mapping = source.files(), source.mapping
+    if cache_dir is None:
+        cache_dir = source.cache_dir
 
     def tokenize_block(rows):
         return tokenize(tokenizer, block_records(rows, mapping)) if rows else []
