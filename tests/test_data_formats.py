@@ -325,3 +325,20 @@ def test_cache_written_for_another_tokenizer_is_rebuilt(chatml, llama, tmp_path,
     assert [store.document(i)[0].tolist() for i in range(12)] == [ids.tolist() for ids, _ in want]
     (mine / "ids.bin").write_bytes(b"\0" * 8)  # a truncated entry: rebuilt too
     assert tokens(path, chatml).document(0)[0].tolist() == want[0][0].tolist()
+
+
+def test_cache_built_by_worker_processes_in_blocks(chatml, tmp_path, monkeypatch):
+    """Several blocks tokenised in two spawned processes: the same documents, in order, as in memory."""
+    from tx.train import readers
+
+    rows = schema_rows("messages") + schema_rows("prompt_completion") + schema_rows("text")
+    path = write(rows, "jsonl", tmp_path / "d")
+    monkeypatch.setattr(readers, "BLOCK_ROWS", 5)
+    monkeypatch.setenv("TX_DATA_WORKERS", "2")
+    store = tokens(path, chatml)
+    want = tokenize(chatml, read_records(path))
+    assert store.num_documents == len(rows) == len(want)
+    for i, (ids, labels) in enumerate(want):
+        got_ids, got_labels = store.document(i)
+        assert got_ids.tolist() == ids.tolist() and got_labels.tolist() == labels.tolist()
+    assert store.loss.tolist() == [int(lab[1:].sum()) for _, lab in want]

@@ -24,6 +24,7 @@ segment with positions from 0 (in "pad" mode it is first truncated to ``seq_len`
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -326,6 +327,11 @@ def tokenize(tokenizer, records: Sequence[Mapping[str, Any]]) -> list[tuple[np.n
     return docs
 
 
+def tokenize_rows(tokenizer, columns: Mapping[str, str], rows: list[tuple[str, Any]]):
+    """Raw ``(where, row)`` pairs of one block -> ``(ids, labels)`` per row."""
+    return tokenize(tokenizer, block_records(rows, columns)) if rows else []
+
+
 def tokens(
     data,
     tokenizer,
@@ -346,9 +352,7 @@ def tokens(
     if cache_dir is None:
         cache_dir = source.cache_dir
 
-    def tokenize_block(rows):
-        return tokenize(tokenizer, block_records(rows, mapping)) if rows else []
-
+    tokenize_block = functools.partial(tokenize_rows, tokenizer, mapping)
     if cache_dir is False:
         docs = [d for b in readers.blocks(files) for d in tokenize_block(b.load())]
         store = TokenStore.from_docs(docs, str(source))

@@ -156,8 +156,9 @@ def _check_extension(path: Path) -> None:
 # -- blocks of rows ---------------------------------------------------------------------------------------------
 
 
-def blocks(files: list[Path], block_rows: int = BLOCK_ROWS) -> Iterator[Block]:
-    """Every file's rows in blocks of at most ``block_rows``, files in order."""
+def blocks(files: list[Path], block_rows: int | None = None) -> Iterator[Block]:
+    """Every file's rows in blocks of at most ``block_rows`` (default :data:`BLOCK_ROWS`), files in order."""
+    block_rows = block_rows or BLOCK_ROWS
     for path in files:
         _check_extension(path)
         if not path.is_file():

@@ -168,14 +168,18 @@ class _Writer:
         self.max_id = -1
 
     def add(self, docs):
-        if not docs:
+        self.add_packed(*_packed(docs))
+
+    def add_packed(self, ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray):
+        if not len(lengths):
             return
-        ids = np.concatenate([d for d, _ in docs]).astype(np.int32)
-        labels = np.concatenate([lab for _, lab in docs]).astype(np.uint8)
         self.ids.write(ids.tobytes())
         self.labels.write(labels.tobytes())
-        self.lengths.append(np.asarray([len(d) for d, _ in docs], np.int64))
-        self.loss.append(np.asarray([int(lab[1:].sum()) for _, lab in docs], np.int64))
+        self.lengths.append(lengths)
+        ends = np.cumsum(lengths)
+        total = np.concatenate([[0], np.cumsum(labels, dtype=np.int64)])
+        # a document's first token is never a target: count labels[start + 1:end]
+        self.loss.append(np.where(lengths > 0, total[ends] - total[np.minimum(ends - lengths + 1, ends)], 0))
         if len(ids):
             self.max_id = max(self.max_id, int(ids.max()))
 
@@ -204,12 +208,68 @@ def _finish(folder: Path, key: dict, tag: str, lengths: np.ndarray, loss: np.nda
     os.replace(tmp, folder / "meta.json")
 
 
+def workers(files: list[Path]) -> int:
+    """Processes that tokenise blocks side by side: ``$TX_DATA_WORKERS``, else one per core for data over
+    :data:`POOL_BYTES` (starting a process costs seconds: it imports tx), else 0 (tokenise in this process)."""
+    if os.environ.get("TX_DATA_WORKERS"):
+        return int(os.environ["TX_DATA_WORKERS"])
+    if sum(f.stat().st_size for f in files) < POOL_BYTES:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores if cores > 1 else 0
+
+
+POOL_BYTES = 32 << 20
+_WORKER_FN = None
+
+
+def _worker_init(fn) -> None:
+    global _WORKER_FN
+    os.environ["RAYON_NUM_THREADS"] = "1"  # one tokenizers thread per process: the processes fill the cores
+    _WORKER_FN = fn
+
+
+def _worker_run(rows):
+    return _packed(_WORKER_FN(rows))
+
+
+def _packed(docs):
+    """Documents as three arrays (cheap to send between processes)."""
+    if not docs:
+        return np.zeros(0, np.int32), np.zeros(0, np.uint8), np.zeros(0, np.int64)
+    ids = np.concatenate([d for d, _ in docs]).astype(np.int32)
+    labels = np.concatenate([lab for _, lab in docs]).astype(np.uint8)
+    return ids, labels, np.asarray([len(d) for d, _ in docs], np.int64)
+
+
+def _tokenized(blocks, tokenize_block, n_workers: int):
+    """``_packed(tokenize_block(block.load()))`` for each block, in order; in ``n_workers`` processes if > 0
+    (a few blocks in flight, so memory stays bounded)."""
+    if n_workers <= 0:
+        for block in blocks:
+            yield _packed(tokenize_block(block.load()))
+        return
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")  # never fork: JAX's threads may be running
+    with ProcessPoolExecutor(n_workers, mp_context=context, initializer=_worker_init, initargs=(tokenize_block,)) as ex:
+        pending = deque()
+        for block in blocks:
+            pending.append(ex.submit(_worker_run, block.load()))
+            if len(pending) >= 2 * n_workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def _build(folder: Path, key: dict, files, tokenize_block) -> None:
     tag = f"{os.getpid()}.tmp"
     writer = _Writer(folder, tag)
     try:
-        for block in readers.blocks(files):
-            writer.add(tokenize_block(block.load()))
+        for packed in _tokenized(readers.blocks(files), tokenize_block, workers(files)):
+            writer.add_packed(*packed)
     finally:
         writer.close()
     _finish(folder, key, tag, *writer.arrays(), writer.max_id)
