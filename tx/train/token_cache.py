@@ -108,13 +108,17 @@ def open_cached(
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     folder = Path(cache_dir).expanduser() / digest
     store = _open(folder, key, source)
+    rank, count = _process()
+    if count > 1:  # build together unless every process has the entry (each host may have its own cache folder)
+        if _all_ok(store is not None, raise_=False):
+            return store
+        store = None
     if store is not None:
         return store
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DataError(f"cannot write the token cache in {folder} ({exc}); pass another cache folder") from None
-    rank, count = _process()
     if count == 1:
         _build(folder, key, files, tokenize_block)
     else:
@@ -330,11 +334,13 @@ def _build_parts(folder: Path, key: dict, files, tokenize_block, rank: int, coun
     sync(f"token cache {folder.name} joined")
 
 
-def _all_ok(ok: bool) -> None:
+def _all_ok(ok: bool, raise_: bool = True) -> bool:
+    """Whether ``ok`` holds in every process (a collective: all must call it); raises where it does not, if asked."""
     from jax.experimental import multihost_utils
 
     from tx.errors import TxError
 
-    oks = np.asarray(multihost_utils.process_allgather(np.asarray(ok)))
-    if ok and not oks.all():
+    oks = np.asarray(multihost_utils.process_allgather(np.asarray(ok))).reshape(-1).astype(bool)
+    if raise_ and ok and not oks.all():
         raise TxError(f"processes {np.flatnonzero(~oks).tolist()} failed to tokenise their data; their errors say why")
+    return bool(oks.all())
