@@ -75,8 +75,9 @@ def _data_args(p, eval_data: bool):
     )
 
 
-def _sources(args):
-    """The train and eval :class:`tx.train.data.Source` of the data flags (eval None when not asked for)."""
+def _sources(args, check_paths: bool = True):
+    """The train and eval :class:`tx.train.data.Source` of the data flags (eval None when not asked for);
+    ``check_paths``: a missing local path is an error now, before the model loads."""
     import tx
     from tx.train.data import Source
     from tx.train.readers import looks_like_hub_id
@@ -87,7 +88,7 @@ def _sources(args):
     if getattr(args, "eval_fraction", 0) and (eval_data or eval_split):
         flag = "--eval-data" if eval_data else "--eval-split"
         raise tx.errors.ConfigError(f"{flag} and --eval-fraction conflict: give one of them")
-    for path in filter(None, (args.data, eval_data)):
+    for path in filter(None, (args.data, eval_data)) if check_paths else ():
         if not Path(path).exists() and not looks_like_hub_id(str(path)):
             raise tx.errors.ConfigError(f"data file {path} does not exist")
     train = Source(args.data, args.split, columns, args.data_cache)
@@ -323,7 +324,7 @@ def cmd_eval(args) -> int:
     import tx
     from tx.train.data import Dataset
 
-    source, _ = _sources(args)
+    source, _ = _sources(args, check_paths=False)
     model = _load(args)
     tok = tx.load_tokenizer(args.model)
     data = Dataset(
