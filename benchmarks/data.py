@@ -6,9 +6,11 @@ tx had before the cache (b4597dc's tx/train/data.py, read from git) and against 
 Each case runs in a fresh subprocess so that peak memory (VmHWM) is its own. Prints one JSON object.
 Usage: python benchmarks/data.py [--records 200000] [--tokenizer tx/assets/demo-base] [--skip-old --skip-datasets]
 
-What each case does: tx builds the Dataset the trainer trains on (read, validate, render each chat with the
-template, find the reply spans, tokenise with ``encode_batch``, lay out packed rows of ``--seq-len``);
-``datasets`` renders and tokenises only (no loss mask, no packing), so it does less work per record.
+``seconds_tokenise`` is reading + tokenising (for the old path, which has no separate step, the whole
+Dataset); ``seconds_total`` adds laying out packed rows and the first batch. tx builds the Dataset the trainer
+trains on (read, validate, render each chat with the template, find the reply spans, tokenise with
+``encode_batch``, lay out packed rows of ``--seq-len``); ``datasets`` renders and tokenises only (no loss mask,
+no packing), so it does less work per record.
 """
 
 from __future__ import annotations
@@ -66,13 +68,10 @@ elif kind == "tx_old_in_memory":
     tok = load_tokenizer(tok_dir)
     rss0 = hwm_mb()
     t = time.perf_counter()
-    records = old.read_jsonl(data)
-    docs = old.tokenize(tok, records)
-    t_tok = time.perf_counter() - t
-    ds = old.Dataset(records, tok, seq_len=seq_len, batch_size=8)  # tokenises again inside: time only the first
+    ds = old.Dataset(data, tok, seq_len=seq_len, batch_size=8)  # read, tokenise in memory, lay out: one step
     batch = ds.batch(0)
-    total = t_tok + (time.perf_counter() - t - t_tok) / 2  # tokenise once + layout
-    out = {"records": len(records), "tokens": int(sum(len(i) for i, _ in docs)), "rows": ds.num_rows}
+    t_tok = total = time.perf_counter() - t
+    out = {"records": ds.num_documents, "tokens": None, "rows": ds.num_rows}
 else:  # datasets_first / datasets_cached
     import os
     os.environ["HF_DATASETS_CACHE"] = cache
@@ -148,6 +147,7 @@ def main() -> None:
             "seq_len": args.seq_len,
             "cpu": _cpu(),
             "cores": os.cpu_count(),
+            "load_average_at_start": os.getloadavg()[0],
         }
         old_module = tmp / "old_data.py"
         if not args.skip_old:
@@ -164,6 +164,7 @@ def main() -> None:
         for kind in cases:
             cache = tmp / ("tx-cache" if kind.startswith("tx") else "hf-cache")
             result[kind] = run(kind, data, args.tokenizer, cache, args.seq_len, old_module)
+            print(kind, json.dumps(result[kind]), file=sys.stderr, flush=True)
     print(json.dumps(result, indent=1))
 
 
