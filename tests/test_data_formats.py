@@ -327,6 +327,7 @@ def test_cache_written_for_another_tokenizer_is_rebuilt(chatml, llama, tmp_path,
     assert tokens(path, chatml).document(0)[0].tolist() == want[0][0].tolist()
 
 
+@pytest.mark.slow
 def test_cache_built_by_worker_processes_in_blocks(chatml, tmp_path, monkeypatch):
     """Several blocks tokenised in two spawned processes: the same documents, in order, as in memory."""
     from tx.train import readers
