@@ -75,8 +75,7 @@ def as_source(data) -> Source:
 
 def block_records(rows: list[tuple[str, Any]], columns: Mapping[str, str] | None = None) -> list[Record]:
     """Raw ``(where, row)`` pairs of one block -> validated records."""
-    text_cells = bool(rows) and ".csv, row " in rows[0][0]
-    return [to_record(row, where, columns, text_cells=text_cells) for where, row in rows]
+    return [to_record(row, where, columns, text_cells=isinstance(row, readers.TextCells)) for where, row in rows]
 
 
 def read_records(

@@ -45,6 +45,10 @@ SPLIT_WORDS = {
 EXTRA = "pip install 'tx-adapters[data]' (or pip install pyarrow)"
 
 
+class TextCells(dict):
+    """A CSV row: every cell is text (list-valued columns may hold JSON text)."""
+
+
 @dataclass(frozen=True)
 class Block:
     """Rows ``[first, first + size)`` of ``path``; ``load()`` parses them into ``[(where, row dict), ...]``."""
@@ -241,7 +245,7 @@ def _csv_blocks(path: Path, block_rows: int) -> Iterator[Block]:
             for row in reader:
                 if None in row:
                     raise DataError(f"{path}, row {first + len(rows)}: more cells than the header has columns")
-                rows.append(row)
+                rows.append(TextCells(row))
                 if len(rows) == block_rows:
                     yield Block(path, first, len(rows), lambda r=rows, s=first: _numbered(path, s, r))
                     first, rows = first + len(rows), []
