@@ -214,16 +214,19 @@ def _finish(folder: Path, key: dict, tag: str, lengths: np.ndarray, loss: np.nda
 
 def workers(files: list[Path]) -> int:
     """Processes that tokenise blocks side by side: ``$TX_DATA_WORKERS``, else one per core for data over
-    :data:`POOL_BYTES` (starting a process costs seconds: it imports tx), else 0 (tokenise in this process)."""
+    :data:`POOL_BYTES` on machines with at least :data:`POOL_CORES` cores, else 0 (tokenise in this process,
+    where ``encode_batch`` still uses every core). Starting a worker costs seconds (it imports tx), and on two
+    cores the pool measured slower than one process (benchmarks/data.py), so small machines do without."""
     if os.environ.get("TX_DATA_WORKERS"):
         return int(os.environ["TX_DATA_WORKERS"])
     if sum(f.stat().st_size for f in files) < POOL_BYTES:
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return cores if cores > 1 else 0
+    return cores if cores >= POOL_CORES else 0
 
 
 POOL_BYTES = 32 << 20
+POOL_CORES = 4
 _WORKER_FN = None
 
 
