@@ -18,6 +18,12 @@ block, not the data set. With several processes (``jax.distributed``) process ``
 tokenises blocks ``p, p + P, ...`` into part files; after a barrier every process fills in parts it cannot see
 (a cache folder that is not shared between hosts) and joins them, so on shared storage each process does only
 its share.
+
+Why not grain for the loader: its strengths are per-record transforms in worker processes on every epoch and
+checkpointable iterator state. Here the expensive work (rendering and tokenising) is done once into this cache,
+a batch is a gather from memory-mapped pages (milliseconds), and ``Dataset.batch(step)`` is already a pure
+function of (seed, step), so a resumed run needs no iterator state; grain would add a dependency (and its
+ArrayRecord format) without removing work.
 """
 
 from __future__ import annotations
