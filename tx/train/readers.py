@@ -34,7 +34,7 @@ from typing import Any
 
 from tx.errors import DataError
 
-BLOCK_ROWS = 8192
+BLOCK_ROWS = 2048
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
 METADATA_FILES = {"dataset_info.json", "state.json", "dataset_dict.json", "dataset_infos.json"}
 SPLIT_WORDS = {
