@@ -2,6 +2,7 @@
 and the problem, raised before anything is compiled or written; long documents are chunked to the model's context."""
 
 import json
+import re
 import warnings
 
 import numpy as np
@@ -53,17 +54,17 @@ def recording(tr):
 @pytest.mark.parametrize(
     "content, match",
     [
-        ("", r"train.jsonl is empty \(no records\); expected one JSON object per line"),
+        ("", r"train.jsonl is empty \(no records\); tx reads rows with the columns of messages \(messages\)"),
         ("\n  \n\n", r"train.jsonl is empty \(no records\)"),
         (json.dumps(CHAT) + "\n{'text': 'single quotes'}\n", r"train.jsonl, line 2: invalid JSON"),
         (json.dumps(CHAT) + '\n{"text": "cut off', r"train.jsonl, line 2: invalid JSON \(Unterminated string"),
         ('["a", "list"]\n', r"line 1: found a JSON list, not an object"),
         ('"just a string"\n', r"line 1: found a JSON str, not an object"),
-        ('{"prompt": "hi", "completion": "there"}\n', r"line 1: a record needs exactly one of the keys 'text' and"),
-        ('{"text": "a", "messages": []}\n', r"line 1: a record needs exactly one of the keys"),
-        ('{"text": 42}\n', r"line 1: 'text' should be a string, found int"),
+        ('{"question": "hi", "answer": "there"}\n', r"line 1: no known schema in the columns \['answer', 'question'\]"),
+        ('{"text": "a", "messages": []}\n', r"line 1: 'messages' should be a non-empty list"),  # messages wins
+        ('{"text": 42}\n', r"line 1: column 'text' should be a string, found int"),
         ('{"text": ""}\n', r"line 1: 'text' is empty"),
-        ('{"messages": "hello"}\n', r"line 1: 'messages' should be a non-empty list"),
+        ('{"messages": "hello"}\n', r"line 1: column 'messages' should be a list, found str"),
         ('{"messages": [{"role": "human", "content": "hi"}]}\n', r"messages\[0\] has role 'human'; roles are"),
         ('{"messages": [{"role": "user", "content": ["hi"]}]}\n', r"messages\[0\] 'content' should be a string"),
         ('{"messages": [{"role": "user", "content": "hi"}]}\n', r"no assistant message, so nothing to learn"),
@@ -77,6 +78,86 @@ def test_fit_rejects_bad_jsonl(folder, tok, tmp_path, content, match):
     with pytest.raises(DataError, match=match):
         tr.fit(path, tokenizer=tok)
     assert not (tmp_path / "run").exists()  # nothing written before the data is known to be good
+
+
+@pytest.fixture
+def files(tmp_path, monkeypatch):
+    """Bad data in the formats tx reads, written by pyarrow / datasets / the csv module."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("TX_DATA_CACHE", str(tmp_path / "cache"))
+    pq.write_table(pa.table({"question": ["a"], "answer": ["b"]}), tmp_path / "qa.parquet")
+    pq.write_table(pa.table({"text": ["fine", "also fine", None, "x"]}), tmp_path / "nulls.parquet")
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "empty.parquet")
+    (tmp_path / "header.csv").write_text("instruction,input,output\n")
+    (tmp_path / "chat.csv").write_text('messages\n"[{""role"": ""assistant"", ""content"": ""ok""}]"\n"[{oops"\n')
+    (tmp_path / "splits").mkdir()
+    for name in ("train.jsonl", "test.jsonl"):
+        write_jsonl(tmp_path / "splits" / name, chat_records(2))
+    (tmp_path / "nothing").mkdir()
+    (tmp_path / "nothing" / "notes.txt").write_text("no data here")
+    return tmp_path
+
+
+KNOWN_SCHEMAS = (
+    "tx knows messages (messages); sharegpt (conversations); prompt/completion (prompt, completion); "
+    "alpaca (instruction, output); text (text) (map other names with --columns)"
+)
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (
+            "qa.parquet",
+            r"qa.parquet, row 0: no known schema in the columns \[.answer., .question.\]; " + re.escape(KNOWN_SCHEMAS),
+        ),
+        ("nulls.parquet", r"nulls.parquet, row 2: column 'text' should be a string, found NoneType"),
+        ("ints.parquet", r"ints.parquet, row 0: column 'text' should be a string, found int"),
+        ("chat.csv", r"chat.csv, row 1: column 'messages' holds text that is not a JSON list"),
+        ("empty.parquet", r"empty.parquet is empty \(no records\)"),
+        ("header.csv", r"header.csv is empty \(no records\)"),
+        ("nothing", r"nothing holds no data files \(.jsonl, .json, .csv, .parquet, .arrow\)"),
+        (("splits", "validation"), r"splits has no split 'validation'; its splits are test, train"),
+        (("qa.parquet", "test"), r"qa.parquet is one file, so it has only the split 'train', not 'test'"),
+        (("qa.parquet", "train", "prompt=q"), r"qa.parquet, row 0: no column 'q' \(mapped by columns=...\); found"),
+    ],
+)
+def test_fit_rejects_bad_files(folder, tok, files, data, match):
+    from tx.train.data import Source
+
+    path, *rest = data if isinstance(data, tuple) else (data,)
+    source = Source(files / path, *rest)
+    tr = trainer(folder, out=str(files / "run"))
+    with pytest.raises(DataError, match=match):
+        tr.fit(source, tokenizer=tok)
+    assert not (files / "run").exists()
+
+
+def test_bad_column_mapping(folder, tok, files):
+    from tx.train.data import Source
+
+    for spec, match in [
+        ("prompt:question", "columns should be NAME=COLUMN pairs"),
+        ("answer=completion", "'answer' is not a column tx knows; map onto one of messages, conversations"),
+        ({"prompt": ""}, "prompt= needs a column name"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            trainer(folder).fit(Source(files / "qa.parquet", columns=spec), tokenizer=tok)
+
+
+def test_missing_pyarrow_names_the_extra(folder, tok, files, monkeypatch):
+    import sys
+
+    for name in ("pyarrow", "pyarrow.ipc", "pyarrow.parquet"):
+        monkeypatch.setitem(sys.modules, name, None)  # import pyarrow now raises ImportError
+    with pytest.raises(DataError, match=r"parquet and Arrow files needs pyarrow: pip install 'tx-adapters\[data\]'"):
+        trainer(folder).fit(files / "qa.parquet", tokenizer=tok)
+    from tx.train.data import Dataset
+
+    Dataset(files / "splits" / "train.jsonl", tok, seq_len=32, batch_size=2)  # JSONL needs no pyarrow
 
 
 def test_fit_rejects_bad_eval_data(folder, tok, tmp_path):
@@ -176,6 +257,10 @@ def cli(folder, tmp_path_factory):
             "empty": finetune(folder, root / "empty.jsonl"),
             "malformed": finetune(folder, root / "bad.jsonl"),
             "vocab": finetune(small, data),
+            "no schema": finetune(folder, write_jsonl(root / "qa.jsonl", [{"question": "a", "answer": "b"}])),
+            "missing split": finetune(folder, data) + ["--eval-split", "test"],
+            "split and fraction": finetune(folder, data) + ["--eval-split", "test", "--eval-fraction", "0.1"],
+            "bad columns": finetune(folder, data) + ["--columns", "prompt"],
         },
         root,
     )
@@ -187,6 +272,10 @@ def cli(folder, tmp_path_factory):
         ("empty", "empty.jsonl is empty (no records)"),
         ("malformed", "bad.jsonl, line 2: invalid JSON"),
         ("vocab", ">= model vocab size 101 (the tokenizer has 400 ids): the tokenizer does not match the model"),
+        ("no schema", "qa.jsonl, line 1: no known schema in the columns ['answer', 'question']; tx knows messages"),
+        ("missing split", "t.jsonl is one file, so it has only the split 'train', not 'test'"),
+        ("split and fraction", "--eval-split and --eval-fraction conflict: give one of them"),
+        ("bad columns", "columns should be NAME=COLUMN pairs such as prompt=question,completion=answer"),
     ],
 )
 def test_cli_bad_data(cli, case, message):

@@ -8,7 +8,7 @@ from fixtures_tokenizer import QWEN3_TEMPLATE, corpus, make_chatml_tokenizer, ma
 
 from tx.errors import ConfigError, DataError
 from tx.tokenizer import load_tokenizer
-from tx.train.data import Dataset, check_vocab, read_jsonl, split_eval, tokenize
+from tx.train.data import Dataset, check_vocab, read_records, split_eval, tokenize
 
 KEYS = {
     "input_ids": np.int32,
@@ -67,12 +67,12 @@ def segments(batch):
 GOOD = json.dumps({"text": "fine"})
 BAD_LINES = {
     "bad json": ('{"text": "unterminated', "invalid JSON"),
-    "neither key": ('{"prompt": "x"}', "exactly one of the keys 'text' and 'messages'"),
-    "both keys": ('{"text": "x", "messages": []}', "exactly one of the keys"),
+    "no schema": ('{"prompt": "x"}', r"no known schema in the columns \['prompt'\]; tx knows messages \(messages\)"),
+    "both keys": ('{"text": "x", "messages": []}', "'messages' should be a non-empty list"),  # messages wins
     "array": ('["text"]', "found a JSON list, not an object"),
-    "text not str": ('{"text": 3}', "'text' should be a string, found int"),
+    "text not str": ('{"text": 3}', "column 'text' should be a string, found int"),
     "empty text": ('{"text": ""}', "'text' is empty"),
-    "messages not list": ('{"messages": "hi"}', "'messages' should be a non-empty list"),
+    "messages not list": ('{"messages": "hi"}', "column 'messages' should be a list, found str"),
     "empty messages": ('{"messages": []}', "'messages' should be a non-empty list"),
     "message not object": ('{"messages": ["hi"]}', r"messages\[0\] should be an object"),
     "unknown role": (
@@ -90,35 +90,33 @@ def test_malformed_line_names_file_line_and_expectation(tmp_path, case):
     bad, problem = BAD_LINES[case]
     path = write_jsonl(tmp_path / "train.jsonl", [GOOD, "", bad, GOOD])  # the blank line still counts
     with pytest.raises(DataError, match=problem) as err:
-        read_jsonl(path)
-    message = str(err.value)
-    assert message.startswith(f"{path}, line 3: ")
-    assert 'expected one JSON object per line: {"text": "..."} or {"messages"' in message
+        read_records(path)
+    assert str(err.value).startswith(f"{path}, line 3: ")
 
 
 def test_non_utf8_line(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_bytes(GOOD.encode() + b'\n{"text": "\xff"}\n')
     with pytest.raises(DataError, match=rf"^{path}, line 2: not UTF-8"):
-        read_jsonl(path)
+        read_records(path)
 
 
 @pytest.mark.parametrize("content", ["", "\n\n  \n"])
 def test_empty_file(tmp_path, content):
     path = tmp_path / "empty.jsonl"
     path.write_text(content)
-    with pytest.raises(DataError, match=rf"^{path} is empty \(no records\); expected one JSON object"):
-        read_jsonl(path)
+    with pytest.raises(DataError, match=rf"^{path} is empty \(no records\); tx reads rows with the columns of"):
+        read_records(path)
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(DataError, match="no such file"):
-        read_jsonl(tmp_path / "nope.jsonl")
+    with pytest.raises(DataError, match="nope.jsonl: no such file or folder"):
+        read_records(tmp_path / "nope.jsonl")
 
 
 def test_records_keep_their_line(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD, "", json.dumps({"messages": CHAT})])
-    records = read_jsonl(path)
+    records = read_records(path)
     assert records == [{"text": "fine"}, {"messages": CHAT}]
     assert [r.where for r in records] == [f"{path}, line 1", f"{path}, line 3"]
 

@@ -98,6 +98,47 @@ def _adapter_args(p):
     g.add_argument("--no-train-connector", action="store_true", help="freeze the connector (trainable=False)")
 
 
+def _data_args(p, eval_data: bool):
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="data file, folder, save_to_disk folder or hub dataset id")
+    g.add_argument("--split", default="train", help="split of --data to use (default: train)")
+    if eval_data:
+        g.add_argument("--eval-data", help="evaluation data (same kinds as --data)")
+        g.add_argument("--eval-split", help="split for eval: of --eval-data if given, else of --data (e.g. test)")
+        g.add_argument("--eval-fraction", type=float, default=0.0, help="carve this fraction out of --data for eval")
+    g.add_argument(
+        "--columns",
+        metavar="NAME=COLUMN,...",
+        help="map other column names onto tx's, e.g. prompt=question,completion=answer",
+    )
+    g.add_argument(
+        "--data-cache", metavar="DIR", help="token cache folder (default: $TX_DATA_CACHE or ~/.cache/tx/tokens)"
+    )
+
+
+def _sources(args, check_paths: bool = True):
+    """The train and eval :class:`tx.train.data.Source` of the data flags (eval None when not asked for);
+    ``check_paths``: a missing local path is an error now, before the model loads."""
+    import tx
+    from tx.train.data import Source
+    from tx.train.readers import looks_like_hub_id
+    from tx.train.schemas import parse_columns
+
+    columns = parse_columns(args.columns)
+    eval_data, eval_split = getattr(args, "eval_data", None), getattr(args, "eval_split", None)
+    if getattr(args, "eval_fraction", 0) and (eval_data or eval_split):
+        flag = "--eval-data" if eval_data else "--eval-split"
+        raise tx.errors.ConfigError(f"{flag} and --eval-fraction conflict: give one of them")
+    for path in filter(None, (args.data, eval_data)) if check_paths else ():
+        if not Path(path).exists() and not looks_like_hub_id(str(path)):
+            raise tx.errors.ConfigError(f"data file {path} does not exist")
+    train = Source(args.data, args.split, columns, args.data_cache)
+    evaluation = None
+    if eval_data or eval_split:
+        evaluation = Source(eval_data or args.data, eval_split or "train", columns, args.data_cache)
+    return train, evaluation
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tx import __version__
 
@@ -131,14 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "finetune",
-        help="train adapters on JSONL data",
-        description='Train LoRA and/or connector adapters. Data: JSONL lines {"text": ...} or '
-        '{"messages": [{"role": ..., "content": ...}]} (loss on assistant tokens only).',
+        help="train adapters on your data",
+        description="Train LoRA and/or connector adapters. Data: JSONL, JSON, CSV, parquet or Arrow files, a "
+        "datasets save_to_disk folder, a folder of such files, or a hub dataset id; rows in the text, messages, "
+        "ShareGPT (conversations), Alpaca (instruction/input/output) or prompt/completion schema (loss on the "
+        "replies / completions only). Tokens are cached on disk ($TX_DATA_CACHE, default ~/.cache/tx/tokens).",
     )
     _model_args(p, adapter=False)
-    p.add_argument("--data", required=True, help="training JSONL file")
-    p.add_argument("--eval-data", help="evaluation JSONL file")
-    p.add_argument("--eval-fraction", type=float, default=0.0, help="carve this fraction out of --data for eval")
+    _data_args(p, eval_data=True)
     _adapter_args(p)
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=int, default=100)
@@ -188,9 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("eval", help="mean token loss on JSONL data", description="Mean token loss on --data.")
+    p = sub.add_parser("eval", help="mean token loss on data", description="Mean token loss on --data.")
     _model_args(p)
-    p.add_argument("--data", required=True)
+    _data_args(p, eval_data=False)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
 
@@ -278,8 +319,7 @@ def cmd_finetune(args) -> int:
         raise tx.errors.ConfigError(
             "nothing to train: set --lora-rank > 0 or a trainable connector (--expansion-rate > 1 or --fracs > 1)"
         )
-    if args.eval_data and args.eval_fraction:
-        raise tx.errors.ConfigError("--eval-data and --eval-fraction conflict: give one of them")
+    train_data, eval_data = _sources(args)
     if args.distributed or args.coordinator or args.num_processes is not None or args.process_id is not None:
         from tx.multihost import initialize
 
@@ -307,14 +347,11 @@ def cmd_finetune(args) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
     )
-    for path in filter(None, (args.data, args.eval_data)):
-        if not Path(path).is_file():
-            raise tx.errors.ConfigError(f"data file {path} does not exist")
     model = tx.load_model(args.model, dtype=args.dtype, mesh=mesh)  # first: a folder without config.json says so
     tok = tx.load_tokenizer(args.model)
     tx.attach(model, lora=lora, connector=conn)
     print(tx.trainable_parameters(model))
-    result = tx.Trainer(model, cfg, mesh=mesh).fit(args.data, args.eval_data, tokenizer=tok)
+    result = tx.Trainer(model, cfg, mesh=mesh).fit(train_data, eval_data, tokenizer=tok)
     final = final_train_loss(result["history"])
     if final is not None:
         print(f"final train loss {final:.4f}")
@@ -341,10 +378,11 @@ def cmd_eval(args) -> int:
     import tx
     from tx.train.data import Dataset
 
+    source, _ = _sources(args, check_paths=False)
     model = _load(args)
     tok = tx.load_tokenizer(args.model)
     data = Dataset(
-        args.data,
+        source,
         tok,
         seq_len=args.seq_len,
         batch_size=args.batch_size,

@@ -323,7 +323,8 @@ class Trainer:
         return total / max(count, 1.0)
 
     def fit(self, train_data, eval_data=None, tokenizer=None) -> dict[str, Any]:
-        """Run ``config.steps`` updates. ``train_data``/``eval_data``: Datasets or JSONL paths (with ``tokenizer``)."""
+        """Run ``config.steps`` updates. ``train_data``/``eval_data``: Datasets, or (with ``tokenizer``) paths,
+        hub dataset ids, :class:`tx.train.data.Source` (path, split, column mapping) or lists of records."""
         from tqdm.auto import tqdm
 
         cfg = self.config
@@ -446,31 +447,21 @@ class Trainer:
             )
 
     def _datasets(self, train_data, eval_data, tokenizer):
-        from tx.train.data import Dataset, read_jsonl, split_eval
+        from tx.train.data import datasets_for_fit
 
         cfg = self.config
-        vocab = self.model.config.vocab_size
-        common = dict(
+        return datasets_for_fit(
+            train_data,
+            eval_data,
+            tokenizer,
+            eval_fraction=cfg.eval_fraction,
             seq_len=cfg.seq_len,
             batch_size=cfg.batch_size,
             seed=cfg.seed,
             mode=cfg.pack,
             max_positions=self.model.config.max_positions,
-            vocab_size=vocab,
+            vocab_size=self.model.config.vocab_size,
         )
-        if isinstance(train_data, (str, os.PathLike)):
-            if tokenizer is None:
-                raise ConfigError("pass tokenizer= to fit() when train_data is a path")
-            records = read_jsonl(train_data)
-            if eval_data is None and cfg.eval_fraction > 0:
-                records, eval_records = split_eval(records, cfg.eval_fraction, seed=cfg.seed)
-                eval_data = Dataset(eval_records, tokenizer, **{**common, "shuffle": False})
-            train_data = Dataset(records, tokenizer, **common)
-        if isinstance(eval_data, (str, os.PathLike)):
-            if tokenizer is None:
-                raise ConfigError("pass tokenizer= to fit() when eval_data is a path")
-            eval_data = Dataset(eval_data, tokenizer, **{**common, "shuffle": False})
-        return train_data, eval_data
 
     def _prepare_out(self, out: Path):
         marker = out / RUN_MARKER
