@@ -18,6 +18,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
     )
+# token caches of the data sets tests train on (tx.train.token_cache) go to a folder of the session, not ~/.cache
+if "TX_DATA_CACHE" not in os.environ:
+    _tokens = tempfile.mkdtemp(prefix="tx-test-tokens-")
+    atexit.register(shutil.rmtree, _tokens, ignore_errors=True)
+    os.environ["TX_DATA_CACHE"] = _tokens
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
