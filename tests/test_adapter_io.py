@@ -249,8 +249,12 @@ def test_missing_or_pickled_weights(checkpoints, saved, tmp_path):
 @pytest.mark.parametrize(
     "change,message",
     [
-        (dict(rank_pattern={"q_proj": 8}), r"rank_pattern=\{'q_proj': 8\} not supported"),
-        (dict(alpha_pattern={"v_proj": 32}), "alpha_pattern=.* not supported"),
+        # rank_pattern is read (PEFT's per-module ranks): tensors of another rank are named with both shapes
+        (
+            dict(rank_pattern={"q_proj": 8}),
+            r"q_proj.lora_A.weight' has shape \(4, 40\) but this model expects \(8, 40\)",
+        ),
+        (dict(alpha_pattern={"v_proj": "big"}), "alpha_pattern must map regex strings to positive numbers"),
         (dict(use_dora=True), "use_dora=True not supported"),
         (dict(r=0), "LoRA rank must be an integer >= 1, got 0"),
         (dict(lora_alpha=-2), "LoRA alpha must be a number > 0, got -2"),

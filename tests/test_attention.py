@@ -56,7 +56,11 @@ def test_fused_bf16_close_to_fp32():
 @pytest.mark.parametrize("family", ["qwen3", "mistral"])
 def test_model_with_fused_attention_matches_transformers(checkpoints, family, monkeypatch):
     folder, ref = checkpoints[family]
-    monkeypatch.setattr(layers, "attend", lambda q, k, v, m: layers.attend_fused(q, k, v, m, implementation="xla"))
+    def fused(q, k, v, m, scale=None, softcap=None, sinks=None):
+        assert softcap is None and sinks is None  # these families have neither
+        return layers.attend_fused(q, k, v, m, implementation="xla", scale=scale)
+
+    monkeypatch.setattr(layers, "attend", fused)
     model = tx.load_model(folder)
     ids = np.random.default_rng(0).integers(3, model.config.vocab_size, size=(2, 12)).astype(np.int32)
     mask = np.ones_like(ids)

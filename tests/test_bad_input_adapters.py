@@ -121,7 +121,7 @@ def test_sidecar_format_version(adapter, checkpoints, version, match):
     [
         (dict(expansion_rate="4"), r"expansion_rate must be an integer >= 1.*got '4'"),
         (dict(expansion_rate=2.5), r"expansion_rate must be an integer >= 1.*got 2.5"),
-        (dict(kind="hyper"), r"kind must be one of 'static', 'dynamic', 'mhc', got 'hyper'"),
+        (dict(kind="hyper"), r"kind must be one of 'static', 'dynamic', 'mhc', 'mhc_lite', got 'hyper'"),
         (dict(trainable="no"), r"trainable must be True or False, got 'no'"),
         (dict(sinkhorn_iterations=5), r"unknown connector fields \['sinkhorn_iterations'\]"),
     ],

@@ -190,8 +190,10 @@ def test_expert_targets_and_errors(moe_checkpoints):
         tx.attach(tx.load_model(folder), lora=tx.LoRAConfig(rank=2, targets=["expert"]))
 
 
-def test_generation_matches_transformers(moe_checkpoints):
-    folder, ref = moe_checkpoints["qwen3_moe"]
+@pytest.mark.parametrize("family", MOE_FAMILY_NAMES)
+def test_generation_matches_transformers(moe_checkpoints, family):
+    """Greedy decoding with the KV cache, past the sliding windows (Mixtral 6, gpt-oss 5) and gpt-oss's sinks."""
+    folder, ref = moe_checkpoints[family]
     model = tx.load_model(folder)
     prompts = [[5, 9, 11, 4], [7, 3]]
     got = generate_ids(model, prompts, 6)
@@ -397,3 +399,17 @@ def test_gpt_oss_mxfp4_checkpoint_loads_as_its_dequantised_weights(tmp_path):
     out = tx.save_model(tx.load_model(mx), tmp_path / "export")
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     np.testing.assert_array_equal(tx_logits(tx.load_model(out), ids, mask), want)
+
+
+def test_token_ids_outside_the_vocabulary_are_named(moe_checkpoints):
+    """A tokenizer larger than the model's vocabulary would give NaN logits (an out-of-range embedding gather)."""
+    from tx.verify import verify_identity
+
+    model = tx.load_model(moe_checkpoints["gpt_oss"][0])
+    vocab = model.config.vocab_size
+    with pytest.raises(
+        ConfigError, match=rf"token id {vocab + 5} is outside the model's vocabulary \(vocab_size {vocab}\)"
+    ):
+        verify_identity(model, [[3, vocab + 5, 4]])
+    with pytest.raises(ConfigError, match=rf"token id {vocab} is outside"):
+        generate_ids(model, [[3, 4], [vocab]], 2)

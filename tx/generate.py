@@ -60,6 +60,12 @@ def generate_ids(
         raise ConfigError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token")
+    vocab = model.config.vocab_size
+    bad = [t for p in prompts for t in p if not 0 <= int(t) < vocab]
+    if bad:
+        raise ConfigError(
+            f"token id {bad[0]} is outside the model's vocabulary (vocab_size {vocab}); is the tokenizer the model's?"
+        )
     b, n = len(prompts), max(len(p) for p in prompts)
     total = n + max_new_tokens
     if total > model.config.max_positions:

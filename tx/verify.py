@@ -74,6 +74,13 @@ def verify_identity(model, input_ids, attention_mask=None, *, tolerance: float |
     if ids.ndim == 1:
         ids = ids[None]
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask).reshape(ids.shape)
+    vocab = model.config.vocab_size
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        bad = int(ids.max() if ids.max() >= vocab else ids.min())
+        raise ConfigError(
+            f"token id {bad} is outside the model's vocabulary (vocab_size {vocab}); is the tokenizer the model's? "
+            "Pass the checkpoint's own tokenizer (or ids below vocab_size)"
+        )
     with adapters_disabled(model):
         base = np.asarray(model(ids, attention_mask=mask), np.float32)
     adapted = np.asarray(model(ids, attention_mask=mask), np.float32)
