@@ -19,7 +19,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
     )
 # token caches of the data sets tests train on (tx.train.token_cache) go to a folder of the session, not ~/.cache
-if "TX_DATA_CACHE" not in os.environ:
+# (one per pytest-xdist worker: two workers must not build the same cache entry at once)
+if "TX_DATA_CACHE" not in os.environ or os.environ.get("PYTEST_XDIST_WORKER"):
     _tokens = tempfile.mkdtemp(prefix="tx-test-tokens-")
     atexit.register(shutil.rmtree, _tokens, ignore_errors=True)
     os.environ["TX_DATA_CACHE"] = _tokens
