@@ -10,7 +10,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # One persistent XLA cache for the session (set before JAX is imported): tests that build a new model and
 # Trainer of a shape compiled before load the executable instead of compiling it again. A cached executable
 # computes exactly what a fresh compile does; the folder is new for every session and removed after it.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+# Off unless TX_TEST_XLA_CACHE=1: with jax 0.10.2 the suite crashed twice (segfaults inside XLA's compile-and-
+# write-cache path, after hundreds of tests in a process); every file passes alone.
+if os.environ.get("TX_TEST_XLA_CACHE") == "1" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="tx-test-xla-cache-")
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
     os.environ.update(
