@@ -32,6 +32,54 @@ import pytest  # noqa: E402
 from fixtures_models import FAMILY_NAMES, make_checkpoint  # noqa: E402
 
 
+def _memory_maps() -> int:
+    """How many memory mappings this process holds (0 where /proc is absent)."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
+
+
+# Every executable XLA compiles for the CPU keeps its machine code in a few mappings of its own (about 3 per
+# kernel), and JAX's caches keep every executable alive for the life of the process. One pytest process over
+# a few hundred of these tests reached Linux's per-process limit (vm.max_map_count, 65530 by default): the
+# next mmap fails inside XLA and the process dies with a segfault (CI, test_generate, after ~27 minutes;
+# earlier in test_scan_layers and test_identity). Releasing the compiled code after every test file, and
+# after any test that leaves the process past a third of that limit, keeps the count bounded.
+def _maps_limit() -> int:
+    try:
+        return int(Path("/proc/sys/vm/max_map_count").read_text()) // 3
+    except (OSError, ValueError):
+        return 20000
+
+
+_MAPS_LIMIT = _maps_limit()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code_per_file():
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_code_when_many():
+    yield
+    if _memory_maps() > _MAPS_LIMIT:
+        import gc
+
+        import jax
+
+        jax.clear_caches()
+        gc.collect()
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     """family -> (folder, fp32 transformers model) for every supported family, built once per session."""
