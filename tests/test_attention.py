@@ -56,6 +56,7 @@ def test_fused_bf16_close_to_fp32():
 @pytest.mark.parametrize("family", ["qwen3", "mistral"])
 def test_model_with_fused_attention_matches_transformers(checkpoints, family, monkeypatch):
     folder, ref = checkpoints[family]
+
     def fused(q, k, v, m, scale=None, softcap=None, sinks=None):
         assert softcap is None and sinks is None  # these families have neither
         return layers.attend_fused(q, k, v, m, implementation="xla", scale=scale)

@@ -7,13 +7,12 @@ identity at init with a connector + LoRA 1e-6 relative (the connector's promise)
 exports 1e-4.
 """
 
-import copy
 import json
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from fixtures_compare import hf_masked, max_diff, padded_batch, peft_copy, randomize_lora, tx_logits
 from fixtures_models import DENSE_FAMILY_NAMES, make_checkpoint
 
 import tx
@@ -28,40 +27,6 @@ KINDS = ("static", "dynamic", "mhc")
 def dense_checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("dense")
     return {fam: make_checkpoint(fam, root / fam) for fam in DENSE_FAMILY_NAMES}
-
-
-def padded_batch(vocab, seed=0):
-    """Three rows of 11: full, left-padded, right-padded (past Phi-3's 8 original positions: its long factors)."""
-    ids = np.random.default_rng(seed).integers(3, vocab, size=(3, 11)).astype(np.int32)
-    mask = np.ones_like(ids)
-    mask[1, :3] = 0
-    mask[2, 7:] = 0
-    return ids, mask
-
-
-def hf_masked(model, ids, mask):
-    with torch.no_grad():
-        return model(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.float().numpy()
-
-
-def tx_logits(model, ids, mask):
-    from flax import nnx
-
-    @nnx.jit
-    def f(model, ids, mask):
-        return model(ids, attention_mask=mask)
-
-    return np.asarray(f(model, jnp.asarray(ids), jnp.asarray(mask)))
-
-
-def max_diff(a, b, mask):
-    return float(np.abs(a - b)[mask.astype(bool)].max())
-
-
-def randomize_lora(model, seed=1, std=0.2):
-    rng = np.random.default_rng(seed)
-    for _, m in lora_modules(model):
-        m.lora_b.set_value(jnp.asarray(rng.normal(0, std, m.lora_b.shape), jnp.float32))
 
 
 # unit of blocks and repeats per segment; the rope key and window of each unit position
@@ -123,15 +88,6 @@ def test_identity_grid(dense_checkpoints, family):
             for lora in (False, True):
                 report = identity(dense_checkpoints[family][0], kind, n, lora)
                 assert report.passed and report.relative_diff <= 1e-6, (kind, n, lora, report)
-
-
-def peft_copy(ref, folder=None, config=None):
-    import peft
-
-    base = copy.deepcopy(ref)
-    if folder is not None:
-        return peft.PeftModel.from_pretrained(base, folder).eval()
-    return peft.get_peft_model(base, config).eval()
 
 
 @pytest.mark.parametrize("family", DENSE_FAMILY_NAMES)

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from fixtures_compare import hf_masked, randomize_lora, tx_logits
+from fixtures_compare import padded_batch as _padded_batch
 from fixtures_models import MOE_FAMILY_NAMES, make_checkpoint
 from safetensors.numpy import load_file, save_file
 
@@ -33,38 +35,12 @@ def moe_checkpoints(tmp_path_factory):
 
 def padded_batch(vocab, seed=0):
     """Three rows of 9: full, left-padded, right-padded."""
-    ids = np.random.default_rng(seed).integers(3, vocab, size=(3, 9)).astype(np.int32)
-    mask = np.ones_like(ids)
-    mask[1, :3] = 0
-    mask[2, 6:] = 0
-    return ids, mask
-
-
-def hf_masked(model, ids, mask):
-    with torch.no_grad():
-        return model(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.float().numpy()
+    return _padded_batch(vocab, seed, length=9, right=3)
 
 
 @jax.jit
 def _noop(x):
     return x
-
-
-def tx_logits(model, ids, mask=None):
-    from flax import nnx
-
-    @nnx.jit
-    def f(model, ids, mask):
-        return model(ids, attention_mask=mask)
-
-    mask = np.ones_like(ids) if mask is None else mask
-    return np.asarray(f(model, jnp.asarray(ids), jnp.asarray(mask)))
-
-
-def randomize_lora(model, seed=1, std=0.2):
-    rng = np.random.default_rng(seed)
-    for _, m in lora_modules(model):
-        m.lora_b.set_value(jnp.asarray(rng.normal(0, std, m.lora_b.shape), jnp.float32))
 
 
 def test_segments_of_layer_patterns():

@@ -11,6 +11,7 @@ process 0 writes (see :mod:`tx.multihost`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
@@ -26,7 +27,7 @@ from tx.adapters.lora import LoRALinear
 from tx.adapters.lora_experts import LoRAExperts
 from tx.errors import AdapterError, ConfigError
 from tx.multihost import agree, host_array, is_writer
-from tx.safetensors_io import NAMES, atomic_write_bytes, save_tensors
+from tx.safetensors_io import NAMES, atomic_write_bytes, open_checkpoint, save_tensors
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -42,6 +43,8 @@ EXTRA_FILES = (
     "chat_template.jinja",
     "chat_template.json",
     "generation_config.json",
+    "preprocessor_config.json",  # a multimodal checkpoint's processor (Gemma 3's image processor)
+    "processor_config.json",
 )
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 _TORCH_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
@@ -152,8 +155,34 @@ def save_model(model, path, *, max_shard_size: int | str = "5GB") -> Path:
         )
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"{folder} is a file; save_model needs a folder")
-    entries = _weight_entries(model)
-    shards = _plan_shards(entries, parse_size(max_shard_size))
+    with contextlib.ExitStack() as stack:
+        entries = _weight_entries(model) + _other_entries(model, source, stack)
+        _write_model(folder, source, raw, entries, parse_size(max_shard_size))
+    return folder
+
+
+def _other_entries(model, source: Path | None, stack: contextlib.ExitStack) -> list:
+    """A multimodal checkpoint's tensors outside its language model (vision tower, projector), copied unchanged
+    from the files the model was loaded from; none for a text model."""
+    from tx.models.families import text_wrapper
+    from tx.models.loader import is_text_key
+
+    wrapper = text_wrapper(model.config.raw)
+    if wrapper is None:
+        return []
+    if source is None or not source.is_dir():
+        raise ConfigError(
+            f"saving a {wrapper.architecture} needs the folder it was loaded from, to copy its vision tower and "
+            f"projector (tx adapts only the language model); {source} is not a folder. Load it with tx.load_model"
+        )
+    where = stack.enter_context(open_checkpoint(source))
+    keys = [key for key in sorted(where) if not is_text_key(model.config, key)]
+    read = lambda k: np.array(where[k].get(k))  # noqa: E731
+    return [(k, tuple(where[k].shape(k)), np.dtype(where[k].dtype(k)), lambda k=k: read(k)) for k in keys]
+
+
+def _write_model(folder: Path, source, raw, entries, max_shard_size: int) -> None:
+    shards = _plan_shards(entries, max_shard_size)
     names = (
         [SINGLE]
         if len(shards) == 1
@@ -186,7 +215,6 @@ def save_model(model, path, *, max_shard_size: int | str = "5GB") -> Path:
     agree(error is None, f"write {folder}")
     if error is not None:
         raise error
-    return folder
 
 
 def _write_rest(folder: Path, source, raw, names, entries, weight_map, total) -> None:

@@ -56,10 +56,11 @@ class LinearSite:
     tx_path: tuple  # ("segments", 0, "blocks", 0, "attn", "q_proj")
     layer_ids: tuple[int, ...]
     param: str | None = None  # the expert tensor's parameter name in HF ("gate_up_proj"); None: a Linear module
+    prefix: str = "model."  # the text model's HF module path ("model.language_model." in a multimodal wrapper)
 
     def hf_path(self, k: int) -> str:
         """HF module path of stack index ``k``."""
-        return f"model.layers.{self.layer_ids[k]}.{self.hf_module}"
+        return f"{self.prefix}layers.{self.layer_ids[k]}.{self.hf_module}"
 
     def param_path(self, k: int) -> str:
         """HF parameter path of stack index ``k`` (what PEFT's ``target_parameters`` match)."""
@@ -77,16 +78,18 @@ def linear_sites(model) -> list[LinearSite]:
 
     sites = []
     renamed = family_named(model.config.family).hf_modules
+    hf_prefix = model.config.hf_module_prefix
     for prefix, _, layer_ids in blocks(model):
         for name, (hf_module, tx_rel) in LINEAR_MODULES.items():
             hf_module = renamed.get(name, hf_module)
             path = (*prefix, *tx_rel.split("."))
             if isinstance(module_at(model, path), Linear | LoRALinear):
-                sites.append(LinearSite(name, hf_module, path, layer_ids))
+                sites.append(LinearSite(name, hf_module, path, layer_ids, prefix=hf_prefix))
         for name, (hf_module, tx_rel) in EXPERT_PARAMETERS.items():
             path = (*prefix, *tx_rel.split("."))
             if isinstance(module_at(model, path), ExpertLinear | LoRAExperts):
-                sites.append(LinearSite(name, hf_module, path, layer_ids, param=name.rpartition(".")[2]))
+                param = name.rpartition(".")[2]
+                sites.append(LinearSite(name, hf_module, path, layer_ids, param=param, prefix=hf_prefix))
     return sites
 
 

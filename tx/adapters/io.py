@@ -97,9 +97,11 @@ def peft_target_spec(model) -> tuple[list[str] | str, list[int] | None, list[str
     picked = {
         p for site, k, p in every if site.layer_ids[k] in layers and any(p == n or p.endswith("." + n) for n in names)
     }
+    # in a multimodal wrapper PEFT's name matching would also catch the vision tower's modules: exact paths
+    wrapped = model.config.hf_module_prefix != "model."
     if not chosen:
         modules, layers_out = [], None
-    elif picked == chosen:
+    elif picked == chosen and not wrapped:
         modules, layers_out = names, (None if len(layers) == num_layers else layers)
     else:
         by_module: dict[str, set[int]] = {}
@@ -107,7 +109,8 @@ def peft_target_spec(model) -> tuple[list[str] | str, list[int] | None, list[str
             if p in chosen:
                 by_module.setdefault(site.hf_module, set()).add(site.layer_ids[k])
         parts = [
-            rf"model\.layers\.(?:{'|'.join(map(str, sorted(ids)))})\.{re.escape(module)}"
+            rf"{re.escape(model.config.hf_module_prefix)}layers\.(?:{'|'.join(map(str, sorted(ids)))})\."
+            + re.escape(module)
             for module, ids in by_module.items()
         ]
         modules, layers_out = "|".join(parts), None
@@ -117,7 +120,7 @@ def peft_target_spec(model) -> tuple[list[str] | str, list[int] | None, list[str
     all_params = {s.param_path(k) for s in linear_sites(model) for k in range(len(s.layer_ids))}
     short = sorted(
         {
-            s.param_path(0).split(".", 3)[3].split(".", 1)[1]
+            f"{s.hf_module}.{s.param or 'weight'}".split(".", 1)[1]
             if s.is_experts or s.name == ROUTER
             else f"{s.hf_module}.weight"
             for s, _ in adapted
@@ -410,7 +413,14 @@ def _load_lora(model, folder: Path, file: SafetensorsFile) -> None:
         match = _PEFT_KEY.fullmatch(name)
         slot = (match["module"], match["ab"]) if match else None
         if slot not in slots:
-            problems.append(f"unexpected tensor {key!r}: not a LoRA matrix of a module the adapter config targets")
+            prefix = model.config.hf_module_prefix
+            if prefix != "model." and not name.startswith(prefix):
+                problems.append(
+                    f"unexpected tensor {key!r}: it adapts a module outside the language model ({prefix}*), and "
+                    f"tx runs only the language model of a {model.config.architecture}"
+                )
+            else:
+                problems.append(f"unexpected tensor {key!r}: not a LoRA matrix of a module the adapter config targets")
             continue
         if slot in found:
             problems.append(f"tensor {key!r} duplicates {found[slot]!r}")

@@ -118,6 +118,11 @@ class ModelConfig:
     logits_divisor: float | None = None
     attn_sinks: bool = False
     ropes: tuple[tuple[str, RopeConfig], ...] = ()
+    # where the text model sits in a HF checkpoint: its module path in memory (PEFT's names) and its key prefixes
+    # on disk ("model." and "" for a *ForCausalLM; a multimodal wrapper's language model elsewhere: TextWrapper)
+    hf_module_prefix: str = "model."
+    hf_weight_prefix: str = "model."
+    hf_head_prefix: str = ""
     raw: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -181,10 +186,19 @@ def parse_ropes(data: dict, family, head_dim: int, path: str) -> dict[str, RopeC
 
 
 def parse_config(data: dict[str, Any], path: str = "config.json") -> ModelConfig:
-    """Build a :class:`ModelConfig` from a config.json dict; the family decides the switches."""
-    from tx.models.families import family_for, family_layer_types
+    """Build a :class:`ModelConfig` from a config.json dict; the family decides the switches. A multimodal
+    checkpoint (:data:`tx.models.families.TEXT_WRAPPERS`) gives the config of its language model."""
+    from tx.models.families import family_for, family_layer_types, text_wrapper
 
+    wrapper = text_wrapper(data)
+    if wrapper is not None:
+        return _wrapped_text_config(data, wrapper, path)
     family = family_for(data, path)
+    if data.get("use_bidirectional_attention"):
+        raise CheckpointError(
+            f"{path}: 'use_bidirectional_attention' is true (an embedding model, e.g. EmbeddingGemma); tx runs "
+            "causal language models only"
+        )
     hidden = _get(data, "hidden_size", int, path)
     heads = _get(data, "num_attention_heads", int, path)
     kv_heads = _get(data, "num_key_value_heads", int, path, heads)
@@ -254,6 +268,28 @@ def parse_config(data: dict[str, Any], path: str = "config.json") -> ModelConfig
         torch_dtype=data.get("dtype", data.get("torch_dtype")),
         raw=data,
         **extra,
+    )
+
+
+def _wrapped_text_config(data: dict[str, Any], wrapper, path: str) -> ModelConfig:
+    """The language model's config of a multimodal checkpoint: its text config over the class defaults; token ids
+    and embedding tying from the top level where it sets them (the hub's Gemma 3 keeps eos_token_id there)."""
+    text = _get(data, wrapper.text_key, dict, path)
+    text = {**wrapper.defaults, **{k: v for k, v in text.items() if v is not None}}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
+        if data.get(key) is not None:
+            text[key] = data[key]
+    text.pop("architectures", None)
+    cfg = parse_config(text, f"{path}: {wrapper.text_key}")
+    return dataclasses.replace(
+        cfg,
+        architecture=wrapper.architecture,
+        model_type=data.get("model_type", cfg.model_type),
+        hf_module_prefix=wrapper.module_prefix,
+        hf_weight_prefix=wrapper.weight_layouts[0][0],
+        hf_head_prefix=wrapper.weight_layouts[0][1],
+        raw=data,
+        torch_dtype=data.get("dtype", data.get("torch_dtype", cfg.torch_dtype)),
     )
 
 

@@ -388,8 +388,68 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class TextWrapper:
+    """A multimodal checkpoint whose language model is a family's text model; tx loads, adapts and exports that
+    text model and leaves the rest (vision tower, projector) as it is.
+
+    ``text_key``: the config.json key of the text model's config; ``module_prefix``: the text model's HF module
+    path in memory (what PEFT's adapter keys and ``target_modules`` name); ``weight_layouts``: the (text model,
+    ``lm_head``) key prefixes on disk, as writers have saved them; ``defaults``: the text config class's
+    defaults, for the keys a hub config leaves out.
+    """
+
+    architecture: str
+    text_key: str
+    module_prefix: str
+    weight_layouts: tuple[tuple[str, str], ...]
+    defaults: dict
+
+
+# transformers' Gemma3TextConfig defaults (tests/test_gemma3_multimodal.py checks them against the class): the
+# hub's Gemma 3 configs (google/gemma-3-4b-it, ...) give only the sizes that differ from them.
+GEMMA3_TEXT_DEFAULTS = {
+    "model_type": "gemma3_text",
+    "vocab_size": 262208,
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-6,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "tie_word_embeddings": True,
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+    "pad_token_id": 0,
+}
+TEXT_WRAPPERS: dict[str, TextWrapper] = {
+    "Gemma3ForConditionalGeneration": TextWrapper(
+        "Gemma3ForConditionalGeneration",
+        "text_config",
+        "model.language_model.",
+        # transformers 5 (and the original hub release) write language_model.model.*; 4.50-4.57 model.language_model.*
+        (("language_model.model.", "language_model."), ("model.language_model.", "")),
+        GEMMA3_TEXT_DEFAULTS,
+    ),
+}
+
+
+def text_wrapper(config: dict) -> TextWrapper | None:
+    """The :class:`TextWrapper` of a multimodal config.json, None for a text model's."""
+    for arch in config.get("architectures") or ():
+        if arch in TEXT_WRAPPERS:
+            return TEXT_WRAPPERS[arch]
+    return None
+
+
 def supported() -> str:
-    return ", ".join(f"{f.architectures[0]} (model_type {f.model_types[0]!r})" for f in FAMILIES)
+    names = [f"{f.architectures[0]} (model_type {f.model_types[0]!r})" for f in FAMILIES]
+    return ", ".join(names + [f"{w} (its language model)" for w in TEXT_WRAPPERS])
 
 
 def family_for(config: dict, path: str = "config.json") -> Family:

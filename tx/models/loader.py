@@ -8,6 +8,7 @@ error, and each parameter is filled from the memory-mapped safetensors files and
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -21,7 +22,7 @@ from tx import hub
 from tx.errors import CheckpointError
 from tx.models.config import ModelConfig, load_config
 from tx.models.decoder import CausalLM
-from tx.models.families import GLOBAL_WEIGHTS, block_weights, family_named
+from tx.models.families import GLOBAL_WEIGHTS, block_weights, family_named, text_wrapper
 from tx.models.mxfp4 import dequantize
 from tx.models.segments import plan_segments
 from tx.safetensors_io import open_checkpoint
@@ -58,7 +59,7 @@ def weight_plan(cfg: ModelConfig, state: nnx.State) -> dict[str, list[Fill]]:
     plan: dict[str, list[Fill]] = {}
     for hf, tx_path in GLOBAL_WEIGHTS.items():
         if tx_path in flat:
-            plan[tx_path] = [Fill(hf, ())]
+            plan[tx_path] = [Fill(global_key(cfg, hf), ())]
     for prefix, block, layer_ids in block_layout(cfg):
         for suffix, spec in block_weights(family, block).items():
             tx_path = ".".join(map(str, prefix)) + "." + spec.tx_path
@@ -68,12 +69,42 @@ def weight_plan(cfg: ModelConfig, state: nnx.State) -> dict[str, list[Fill]]:
             rows = () if spec.rows is None else (_rows(shape, spec.rows),)
             fills = plan.setdefault(tx_path, [])
             for r, layer in enumerate(layer_ids):
-                key = f"model.layers.{layer}.{suffix}"
+                key = f"{cfg.hf_weight_prefix}layers.{layer}.{suffix}"
                 if "{j}" in suffix:
                     fills += [Fill(key.format(j=j), (r, j, *rows)) for j in range(cfg.moe.num_experts)]
                 else:
                     fills.append(Fill(key, (r, *rows), spec.transpose))
     return plan
+
+
+def global_key(cfg: ModelConfig, key: str) -> str:
+    """A :data:`GLOBAL_WEIGHTS` key ("model.norm.weight", "lm_head.weight") under the checkpoint's prefixes."""
+    if key.startswith("model."):
+        return cfg.hf_weight_prefix + key[len("model.") :]
+    return cfg.hf_head_prefix + key
+
+
+def is_text_key(cfg: ModelConfig, key: str) -> bool:
+    """Whether an on-disk tensor belongs to the text model tx runs (a multimodal checkpoint's vision tower and
+    projector do not: tx leaves them as they are, and export copies them)."""
+    if text_wrapper(cfg.raw) is None:
+        return True
+    return key.startswith(cfg.hf_weight_prefix) or key == global_key(cfg, "lm_head.weight")
+
+
+def with_weight_layout(cfg: ModelConfig, where: dict, folder) -> ModelConfig:
+    """A multimodal checkpoint's config with the key prefixes its files use (writers have used several)."""
+    wrapper = text_wrapper(cfg.raw)
+    if wrapper is None:
+        return cfg
+    for weights, head in wrapper.weight_layouts:
+        if f"{weights}embed_tokens.weight" in where:
+            return dataclasses.replace(cfg, hf_weight_prefix=weights, hf_head_prefix=head)
+    tried = ", ".join(repr(f"{w}embed_tokens.weight") for w, _ in wrapper.weight_layouts)
+    raise CheckpointError(
+        f"{folder}: a {wrapper.architecture} checkpoint without its language model's embeddings (looked for "
+        f"{tried}); the files are incomplete or from another model"
+    )
 
 
 def _rows(shape, rows: tuple[int, int]) -> slice:
@@ -115,15 +146,16 @@ def load_model(
     folder = hub.resolve(name_or_path)
     cfg = load_config(folder)
     dtype = as_dtype(dtype)
-    model = abstract_model(cfg, dtype)
-    graphdef, state = nnx.split(model)
-    plan = weight_plan(cfg, state)
-    flat = dict(nnx.to_flat_state(state))
-    by_path = {".".join(str(p) for p in path): path for path in flat}
 
     from tx.sharding import sharding_for
 
     with open_checkpoint(folder) as where:
+        cfg = with_weight_layout(cfg, where, folder)
+        model = abstract_model(cfg, dtype)
+        graphdef, state = nnx.split(model)
+        plan = weight_plan(cfg, state)
+        flat = dict(nnx.to_flat_state(state))
+        by_path = {".".join(str(p) for p in path): path for path in flat}
         _check_keys(folder, cfg, plan, flat, by_path, where)
         for tx_path, fills in plan.items():
             var = flat[by_path[tx_path]]
@@ -194,9 +226,9 @@ def _check_keys(folder: Path, cfg, plan, flat, by_path, where) -> None:
                 problems.append(f"missing tensor {key!r} (expected shape {tuple(want)})")
             elif found != tuple(want):
                 problems.append(f"tensor {key!r} has shape {found} but config.json implies {tuple(want)}")
-    extra = sorted(k for k in where if k not in expected and not k.endswith(IGNORED_SUFFIXES))
+    extra = sorted(k for k in where if k not in expected and not k.endswith(IGNORED_SUFFIXES) and is_text_key(cfg, k))
     if cfg.tie_word_embeddings:
-        extra = [k for k in extra if k != "lm_head.weight"]  # some writers keep the tied copy
+        extra = [k for k in extra if k != global_key(cfg, "lm_head.weight")]  # some writers keep the tied copy
     if extra:
         shown = ", ".join(repr(k) for k in extra[:20]) + (f" and {len(extra) - 20} more" if len(extra) > 20 else "")
         problems.append(f"unexpected tensors not used by a {cfg.architecture}: {shown}")
