@@ -304,7 +304,18 @@ def _weighted_sum(w: jax.Array, x: jax.Array) -> jax.Array:
 def _collapse(x, h_pre):
     # a (batched) dot rather than _weighted_sum: a dot's operand is materialised, so XLA cannot fuse the previous
     # site's mix into this one and recompute it per stream (it does so for elementwise consumers, e.g. "static")
-    return jnp.einsum("...i,...ic->...c", h_pre, x, preferred_element_type=_F32).astype(x.dtype)
+    n = x.shape[-2]
+    if n & (n - 1) == 0:  # 1/n exact in binary: equal streams come back exactly
+        return jnp.einsum("...i,...ic->...c", h_pre, x, preferred_element_type=_F32).astype(x.dtype)
+    # n = 3, 5, ...: S x0 + sum_i H_pre[i] (x[i] - x0) with S = sum_i H_pre[i] summed in stream order, the same sum
+    # but exact when the streams are equal (at init: S is then exactly 1 in fp32 for n <= 8); the plain sum rounds
+    # (fl(1/3) x, three times: ~1 ulp per layer, 1e-6 relative in a small model's logits)
+    x0 = x[..., 0, :].astype(_F32)
+    s = h_pre[..., 0]
+    for i in range(1, n):
+        s = s + h_pre[..., i]
+    dev = jnp.einsum("...i,...ic->...c", h_pre, x.astype(_F32) - x0[..., None, :], preferred_element_type=_F32)
+    return (s[..., None] * x0 + dev).astype(x.dtype)
 
 
 def _collapse_fwd(x, h_pre):
@@ -680,7 +691,10 @@ class StreamEdges(nnx.Module):
             return x
         if self.n == 1:
             return x[..., 0, :]
-        return jnp.mean(x, axis=-2, dtype=_F32).astype(x.dtype)
+        # x0 + mean_i (x[i] - x0): the mean, but exact when the streams are equal (at init) for every n; a plain
+        # fp32 mean of three equal streams rounds (3 x is inexact, then / 3)
+        x0 = x[..., :1, :].astype(_F32)
+        return (x0[..., 0, :] + jnp.mean(x.astype(_F32) - x0, axis=-2)).astype(x.dtype)
 
 
 # ------------------------------------------------------------------------------------ layers and reference weights
