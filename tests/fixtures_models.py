@@ -11,6 +11,25 @@ MOE = dict(num_hidden_layers=5, intermediate_size=56, num_experts_per_tok=2)
 # Dense families with other block shapes (tests/test_families_dense.py), each with its layer pattern.
 DENSE_FAMILY_NAMES = ("gemma2", "gemma3", "phi3", "olmo2", "olmo3", "granite", "smollm3")
 S, F = "sliding_attention", "full_attention"
+# DeepSeek families (tests/test_deepseek.py): multi-head latent attention, grouped routing, first k layers dense.
+DEEPSEEK_FAMILY_NAMES = ("deepseek_v3", "deepseek_v3_qproj", "deepseek_v2", "glm4_moe_lite")
+DEEPSEEK = dict(
+    hidden_size=48,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,  # MLA expands keys and values for every head
+    max_position_embeddings=128,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
+    moe_intermediate_size=16,
+    n_routed_experts=8,
+    num_experts_per_tok=3,
+    n_group=4,
+    topk_group=2,
+)
 
 COMMON = dict(
     vocab_size=101,
@@ -51,6 +70,8 @@ def hf_config(family: str, **overrides):
         return T.Qwen3Config(**COMMON, head_dim=16, architectures=["Qwen3ForCausalLM"])
     if family == "mistral":
         return T.MistralConfig(**COMMON, sliding_window=5, architectures=["MistralForCausalLM"])
+    if family.startswith(("deepseek", "glm4_moe_lite")):
+        return _deepseek_config(T, family, {**COMMON, **DEEPSEEK, **overrides})
     dense = _dense_config(T, family, COMMON)
     if dense is not None:
         return dense
@@ -99,6 +120,68 @@ def hf_config(family: str, **overrides):
             num_local_experts=4,
             sliding_window=6,
             architectures=["MixtralForCausalLM"],
+        )
+    raise ValueError(family)
+
+
+def _deepseek_config(T, family: str, common: dict):
+    """DeepSeek-V3 with the low-rank query path and interleaved rope, yarn with mscale / mscale_all_dim (both the
+    cos / sin factor and the softmax scale differ from 1), 1 dense layer then 3 MoE ones: segments [D] x 1, [S] x 3;
+    DeepSeek-V3 with q_proj, rope in the rotate-half layout and 2 dense layers; DeepSeek-V2 (softmax scores,
+    group_limited_greedy) with q_proj, as V2-Lite."""
+    yarn = dict(
+        rope_type="yarn",
+        rope_theta=10000.0,
+        factor=4.0,
+        original_max_position_embeddings=32,
+        beta_fast=32.0,
+        beta_slow=1.0,
+    )
+    if family == "deepseek_v3":
+        return T.DeepseekV3Config(
+            **common,
+            q_lora_rank=24,
+            first_k_dense_replace=1,
+            n_shared_experts=1,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            rope_interleave=True,
+            rope_parameters={**yarn, "mscale": 1.0, "mscale_all_dim": 0.8},
+            architectures=["DeepseekV3ForCausalLM"],
+        )
+    if family == "deepseek_v3_qproj":
+        return T.DeepseekV3Config(
+            **common,
+            q_lora_rank=None,
+            first_k_dense_replace=2,
+            n_shared_experts=2,
+            routed_scaling_factor=1.5,
+            norm_topk_prob=False,
+            rope_interleave=False,
+            rope_parameters={**yarn, "mscale": 0.9, "mscale_all_dim": 0.6},
+            architectures=["DeepseekV3ForCausalLM"],
+        )
+    if family == "deepseek_v2":
+        return T.DeepseekV2Config(
+            **common,
+            q_lora_rank=None,
+            first_k_dense_replace=1,
+            n_shared_experts=2,
+            routed_scaling_factor=1.5,
+            topk_method="group_limited_greedy",
+            rope_parameters={**yarn, "mscale": 0.707, "mscale_all_dim": 0.707},
+            architectures=["DeepseekV2ForCausalLM"],
+        )
+    if family == "glm4_moe_lite":  # GLM-4.7-Flash: V3's MLA and routing, a per-layer mlp_layer_types, plain rope
+        return T.Glm4MoeLiteConfig(
+            **common,
+            q_lora_rank=20,
+            mlp_layer_types=["dense", "sparse", "dense", "sparse"],
+            n_shared_experts=1,
+            routed_scaling_factor=1.8,
+            norm_topk_prob=True,
+            rope_interleave=True,
+            architectures=["Glm4MoeLiteForCausalLM"],
         )
     raise ValueError(family)
 
@@ -192,6 +275,9 @@ def hf_model(family: str, seed: int = 0, **overrides):
                 p.copy_(0.1 * torch.randn_like(p))
             else:
                 p.copy_(0.15 * torch.randn_like(p))
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3: shifts which experts are chosen
+                buf.copy_(0.3 * torch.randn_like(buf))
     return model
 
 

@@ -140,7 +140,7 @@ def peft_target_spec(model) -> tuple[list[str] | str, list[int] | None, list[str
 # (doubling the rank of ``gate_up_proj``), so a dense MLP or shared expert named so would not be adapted. See
 # peft/utils/transformers_weight_conversion.py (_MOE_TARGET_MODULE_MAPPING). tx names such modules through
 # ``target_parameters`` (``mlp.gate_proj.weight``) instead: PEFT adapts the same weight, with the same keys.
-PEFT_REMAPPED_MODEL_TYPES = frozenset({"qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3", "olmoe"})
+PEFT_REMAPPED_MODEL_TYPES = frozenset({"qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "olmoe"})
 PEFT_REMAPPED_NAMES = frozenset({"gate", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"})
 
 

@@ -1,4 +1,5 @@
-"""One decoder block from parts: attention part + MLP part (dense or mixture of experts), each in a residual module.
+"""One decoder block from parts: attention part (GQA or multi-head latent attention) + MLP part (dense or mixture of
+experts), each in a residual module.
 
 Each block calls a *residual* module around attention and around the MLP::
 
@@ -23,6 +24,7 @@ from flax import nnx
 
 from tx.models.config import BlockSpec, ModelConfig
 from tx.models.layers import MLP, Attention, AttentionContext, norm
+from tx.models.mla import MLAttention
 from tx.models.moe import MoE
 
 
@@ -48,7 +50,7 @@ class Block(nnx.Module):
         pre = cfg.norm_placement in ("pre", "sandwich")
         post = cfg.norm_placement in ("sandwich", "post")
         self.attn_norm = norm(cfg, c, **kw) if pre else None
-        self.attn = Attention(cfg, **kw)
+        self.attn = MLAttention(cfg, **kw) if cfg.mla is not None else Attention(cfg, **kw)
         self.attn_post_norm = norm(cfg, c, **kw) if post else None
         self.mlp_norm = norm(cfg, c, **kw) if pre else None
         if spec.mlp == "moe":

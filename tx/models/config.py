@@ -36,6 +36,38 @@ class MoEConfig:
     shared_expert_size: int = 0
     shared_expert_gate: bool = False
     router_aux_loss_coef: float = 0.0
+    # DeepSeek routing (router "grouped"): ``scoring`` "sigmoid" (V3) or "softmax" (V2) of the fp32 logits; the
+    # choice adds ``correction_bias`` (V3's e_score_correction_bias) to the scores, keeps the ``topk_group`` best of
+    # ``n_group`` expert groups (a group's score: "top2_sum" of its two best (V3) or its "max" (V2)), then the top-k
+    # of those; the weights are the uncorrected scores (renormalised with ``norm_topk_prob``) times
+    # ``routed_scaling_factor``.
+    scoring: str = "softmax"
+    correction_bias: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "top2_sum"
+    routed_scaling_factor: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2 / V3): queries from ``q_proj`` or the low-rank path ``q_a_proj`` ->
+    RMSNorm -> ``q_b_proj`` (``q_lora_rank`` set); keys and values from one latent of ``kv_lora_rank`` numbers per
+    token (``kv_a_proj_with_mqa`` -> RMSNorm -> ``kv_b_proj``) plus one rope key of ``qk_rope_head_dim`` shared by
+    every head. Query / key heads are ``qk_nope_head_dim + qk_rope_head_dim`` wide, value heads ``v_head_dim``.
+    ``rope_interleave``: the rope channels come as interleaved pairs (x0, x1), (x2, x3), ... (DeepSeek's layout)."""
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_interleave: bool = True
+    bias: bool = False  # attention_bias: q_a_proj, kv_a_proj_with_mqa and o_proj
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +107,8 @@ class ModelConfig:
       ``logits_divisor``: final logits divided by it (Granite's ``logits_scaling``). ``attn_sinks``: a learned
       logit per head that joins every softmax and takes its share of the probability (gpt-oss).
     - ``ropes``: (key, :class:`RopeConfig`) per rope a layer may use (``BlockSpec.rope``); ``rope`` is the main one.
+    - ``mla``: the attention part is multi-head latent attention (:class:`MLAConfig`, DeepSeek); ``head_dim`` is then
+      its rope key's width (``qk_rope_head_dim``), what the rope tables need.
     """
 
     family: str
@@ -97,6 +131,7 @@ class ModelConfig:
     qk_norm: bool = False
     sliding_window: int | None = None
     moe: MoEConfig | None = None
+    mla: MLAConfig | None = None
     layer_specs: tuple[BlockSpec, ...] = ()
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -217,6 +252,9 @@ def parse_config(data: dict[str, Any], path: str = "config.json") -> ModelConfig
             f"{path}: {family.act_key} {act!r} is not supported; supported: {', '.join(ACTIVATIONS)} "
             "(tx's MLP is gated: act(gate) * up)"
         )
+    mla = family.mla(data, path) if family.mla else None
+    if mla is not None:  # the rope tables are the rope key's: qk_rope_head_dim channels
+        head_dim = mla.qk_rope_head_dim
     window = data.get("sliding_window") if family.sliding_window_key(data) else None
     num_layers = _get(data, "num_hidden_layers", int, path)
     moe = family.moe(data, path) if family.moe else None
@@ -261,6 +299,7 @@ def parse_config(data: dict[str, Any], path: str = "config.json") -> ModelConfig
         fused_gate_up=family.fused,
         sliding_window=int(window) if window else None,
         moe=moe,
+        mla=mla,
         layer_specs=specs,
         bos_token_id=data.get("bos_token_id"),
         eos_token_id=data.get("eos_token_id"),

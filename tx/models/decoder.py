@@ -30,6 +30,7 @@ from tx.models.block import Block, Residual  # noqa: F401 - Residual: the plain 
 from tx.models.config import ModelConfig
 from tx.models.layers import AttentionContext, Embed, Linear, norm, window_key
 from tx.models.matmul import einsum
+from tx.models.mla import cache_shapes
 from tx.models.moe import RouterSums
 from tx.models.rope import rope_tables
 from tx.models.segments import SegmentPlan, plan_segments
@@ -75,8 +76,9 @@ class Segment(nnx.Module):
 
 
 class KVCache(NamedTuple):
-    """KV cache: ``layers[s][u] = (k, v)``, each [repeats, B, T, K, D], for unit position u of segment s;
-    valid [B, T] marks written, non-padding slots; index: next slot."""
+    """KV cache: ``layers[s][u] = (k, v)``, each [repeats, B, T, K, D], for unit position u of segment s (multi-head
+    latent attention: (latent, rope key), see :mod:`tx.models.mla`); valid [B, T] marks written, non-padding slots;
+    index: next slot."""
 
     layers: tuple
     valid: jax.Array
@@ -85,9 +87,10 @@ class KVCache(NamedTuple):
     @classmethod
     def create(cls, cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> KVCache:
         layers = []
+        first, second = cache_shapes(cfg, batch, length)
         for plan in plan_segments(cfg.layer_specs):
-            shape = (plan.repeats, batch, length, cfg.num_kv_heads, cfg.head_dim)
-            layers.append(tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in plan.unit))
+            r = plan.repeats
+            layers.append(tuple((jnp.zeros((r, *first), dtype), jnp.zeros((r, *second), dtype)) for _ in plan.unit))
         return cls(tuple(layers), jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
 
 

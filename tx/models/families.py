@@ -16,10 +16,11 @@ Per-layer tensors are stacked on the leading layer axis of the block that holds 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
-from tx.errors import CheckpointError
-from tx.models.config import BlockSpec, MoEConfig
+from tx.errors import CheckpointError, ConfigError
+from tx.models.config import BlockSpec, MLAConfig, MoEConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,137 @@ def _moe_gpt_oss(data: dict, path: str) -> MoEConfig:
         router_aux_loss_coef=float(data.get("router_aux_loss_coef") or 0.0),
     )
     return _checked(moe, data, path)
+
+
+# DeepSeek routing methods tx runs, by family: config key -> the values it accepts (None: the key may be absent)
+DEEPSEEK_ROUTING = {
+    "deepseek_v3": {"scoring_func": ("sigmoid", None), "topk_method": ("noaux_tc", None)},
+    "deepseek_v2": {"scoring_func": ("softmax", None), "topk_method": ("greedy", "group_limited_greedy", None)},
+    "glm4_moe_lite": {"scoring_func": ("sigmoid", None), "topk_method": ("noaux_tc", None)},
+}
+
+
+def _moe_deepseek(version: str):
+    """DeepSeek's MoE (V3: sigmoid scores, e_score_correction_bias for the choice, groups scored by their two best
+    experts; V2: softmax scores, ``topk_method`` greedy or group_limited_greedy with groups scored by their best),
+    ``n_shared_experts`` ungated shared experts of ``moe_intermediate_size`` each. V2's router never renormalises the
+    chosen weights (transformers' DeepseekV2TopkRouter ignores ``norm_topk_prob``)."""
+
+    def moe(data: dict, path: str) -> MoEConfig:
+        for key, allowed in DEEPSEEK_ROUTING[version].items():
+            if data.get(key) not in allowed:
+                shown = ", ".join(repr(v) for v in allowed if v is not None)
+                raise ConfigError(f"{path}: {key} {data.get(key)!r} is not supported for {version}; supported: {shown}")
+        experts = _positive(data, "n_routed_experts", path)
+        width = _positive(data, "moe_intermediate_size", path)
+        shared = data.get("n_shared_experts") or 0
+        if isinstance(shared, bool) or not isinstance(shared, int) or shared < 0:
+            raise CheckpointError(f"{path}: 'n_shared_experts' must be an integer >= 0, found {shared!r}")
+        v3 = version in ("deepseek_v3", "glm4_moe_lite")  # GLM-4.7-Flash routes as DeepSeek-V3
+        grouped = v3 or data.get("topk_method") == "group_limited_greedy"
+        n_group = _positive(data, "n_group", path) if grouped and data.get("n_group") is not None else 1
+        topk_group = _positive(data, "topk_group", path) if n_group > 1 else 1
+        if experts % n_group or topk_group > n_group:
+            raise CheckpointError(
+                f"{path}: 'n_group' ({n_group}) must divide 'n_routed_experts' ({experts}) and be at least "
+                f"'topk_group' ({topk_group})"
+            )
+        cfg = MoEConfig(
+            num_experts=experts,
+            top_k=_positive(data, "num_experts_per_tok", path),
+            expert_size=width,
+            router="grouped",
+            norm_topk_prob=bool(data.get("norm_topk_prob")) and v3,
+            shared_expert_size=width * shared,
+            scoring="sigmoid" if v3 else "softmax",
+            correction_bias=v3,
+            n_group=n_group,
+            topk_group=topk_group,
+            group_score="top2_sum" if v3 else "max",
+            routed_scaling_factor=float(_number(data, "routed_scaling_factor", path, 1.0)),
+        )
+        if n_group > 1 and cfg.top_k > topk_group * (experts // n_group):
+            raise CheckpointError(
+                f"{path}: 'num_experts_per_tok' ({cfg.top_k}) exceeds the experts of the 'topk_group' ({topk_group}) "
+                f"groups a token may use ({experts // n_group} each)"
+            )
+        if v3 and n_group > 1 and experts // n_group < 2:
+            raise CheckpointError(
+                f"{path}: DeepSeek-V3 scores a group by its two best experts; 'n_group' ({n_group}) "
+                f"leaves {experts // n_group} per group"
+            )
+        return _checked(cfg, data, path)
+
+    return moe
+
+
+def _mla(data: dict, path: str) -> MLAConfig:
+    q_rank = data.get("q_lora_rank")
+    if q_rank is not None:
+        q_rank = _positive(data, "q_lora_rank", path)
+    return MLAConfig(
+        q_lora_rank=q_rank,
+        kv_lora_rank=_positive(data, "kv_lora_rank", path),
+        qk_nope_head_dim=_positive(data, "qk_nope_head_dim", path),
+        qk_rope_head_dim=_positive(data, "qk_rope_head_dim", path),
+        v_head_dim=_positive(data, "v_head_dim", path),
+        # DeepSeek-V2's rope always rotates interleaved pairs (complex numbers); V3 has the switch
+        rope_interleave=bool(data.get("rope_interleave", True)),
+        bias=bool(data.get("attention_bias", False)),
+    )
+
+
+def _mla_v2(data: dict, path: str) -> MLAConfig:
+    return dataclasses.replace(_mla(data, path), rope_interleave=True)  # V2 has no switch: always interleaved
+
+
+def _rope_dict(data: dict) -> dict:
+    params = data.get("rope_parameters")
+    if isinstance(params, dict) and params:
+        return params
+    return dict(data.get("rope_scaling") or {})
+
+
+def _deepseek_options(data: dict, path: str, hidden: int) -> dict:
+    """The softmax scale: (nope + rope) ** -0.5, times yarn's mscale(factor, mscale_all_dim) squared when the rope is
+    scaled (transformers' yarn_apply_mscale: the scale covers the non-rotary channels too)."""
+    mla = _mla(data, path)
+    scale = mla.qk_head_dim**-0.5
+    rope = _rope_dict(data)
+    if rope.get("rope_type", rope.get("type", "default")) not in (None, "default") and rope.get("mscale_all_dim"):
+        factor = _number(rope, "factor", path)
+        mscale = _number(rope, "mscale_all_dim", path)
+        m = 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+        scale = scale * m * m
+    return {"attn_scale": scale}
+
+
+def _deepseek_layers(data: dict, num_layers: int, window: int | None, path: str) -> tuple[BlockSpec, ...]:
+    """The first ``first_k_dense_replace`` layers dense, the rest MoE (a segment each)."""
+    k = data.get("first_k_dense_replace") or 0
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise CheckpointError(f"{path}: 'first_k_dense_replace' must be an integer >= 0, found {k!r}")
+    freq = data.get("moe_layer_freq", 1)
+    if freq not in (None, 1):
+        raise ConfigError(
+            f"{path}: moe_layer_freq {freq!r} is not supported; supported: 1 (every layer after the "
+            "first_k_dense_replace dense ones is MoE)"
+        )
+    return tuple(BlockSpec(mlp="moe" if i >= k else "dense") for i in range(num_layers))
+
+
+def _mlp_layer_types(data: dict, num_layers: int, window: int | None, path: str) -> tuple[BlockSpec, ...]:
+    """Glm4MoeLite's ``mlp_layer_types`` ("dense" / "sparse" per layer); without it, DeepSeek's
+    ``first_k_dense_replace``."""
+    types = data.get("mlp_layer_types")
+    if types is None:
+        return _deepseek_layers(data, num_layers, window, path)
+    if not isinstance(types, list) or len(types) != num_layers or set(types) - {"dense", "sparse"}:
+        raise CheckpointError(
+            f"{path}: 'mlp_layer_types' must list 'dense' or 'sparse' for each of the {num_layers} layers, "
+            f"found {types!r}"
+        )
+    return tuple(BlockSpec(mlp="moe" if t == "sparse" else "dense") for t in types)
 
 
 def _checked(moe: MoEConfig, data: dict, path: str) -> MoEConfig:
@@ -266,7 +398,12 @@ class Family:
     default_layer_types: Callable[[dict, int], list[str]] | None = None
     # HF module paths that differ from LINEAR_MODULES' (site name -> path inside model.layers.{i})
     hf_modules: dict[str, str] = dataclasses.field(default_factory=dict)
+    mla: Callable[[dict, str], MLAConfig] | None = None  # multi-head latent attention (ATTENTION_MAPS["mla"])
 
+
+DEEPSEEK_SHARED_EXPERTS = {  # DeepSeek names its (ungated) shared experts mlp.shared_experts
+    f"shared_expert.{p}": f"mlp.shared_experts.{p}" for p in ("gate_proj", "up_proj", "down_proj")
+}
 
 FAMILIES: tuple[Family, ...] = (
     Family("llama", ("LlamaForCausalLM",), ("llama",)),
@@ -326,6 +463,24 @@ FAMILIES: tuple[Family, ...] = (
         moe_weights="gpt_oss",
         hf_modules={"gate": "mlp.router"},
         options=lambda data, path, hidden: {"attn_sinks": True},
+    ),
+    *(
+        Family(
+            name,
+            (arch,),
+            (name,),
+            moe=_moe_deepseek(name),
+            layer_specs=_mlp_layer_types if name == "glm4_moe_lite" else _deepseek_layers,
+            moe_weights="deepseek",
+            options=_deepseek_options,
+            mla=_mla_v2 if name == "deepseek_v2" else _mla,
+            hf_modules=DEEPSEEK_SHARED_EXPERTS,
+        )
+        for name, arch in (
+            ("deepseek_v3", "DeepseekV3ForCausalLM"),
+            ("deepseek_v2", "DeepseekV2ForCausalLM"),
+            ("glm4_moe_lite", "Glm4MoeLiteForCausalLM"),
+        )
     ),
     Family(
         "gemma2",
@@ -503,6 +658,15 @@ ATTENTION_WEIGHTS: dict[str, WeightSpec] = {
     "self_attn.k_norm.weight": WeightSpec("attn.k_norm.scale"),
     "self_attn.sinks": WeightSpec("attn.sinks"),
 }
+MLA_WEIGHTS: dict[str, WeightSpec] = {
+    **{
+        f"self_attn.{name}.{p}": WeightSpec(f"attn.{name}.{p}")
+        for name in ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+        for p in ("weight", "bias")
+    },
+    "self_attn.q_a_layernorm.weight": WeightSpec("attn.q_a_layernorm.scale"),
+    "self_attn.kv_a_layernorm.weight": WeightSpec("attn.kv_a_layernorm.scale"),
+}
 DENSE_MLP_WEIGHTS: dict[str, WeightSpec] = {
     "mlp.gate_up_proj.weight": WeightSpec("mlp.gate_up_proj.weight"),
     "mlp.gate_proj.weight": WeightSpec("mlp.gate_proj.weight"),
@@ -540,6 +704,16 @@ MOE_WEIGHTS: dict[str, dict[str, WeightSpec]] = {
         "block_sparse_moe.experts.{j}.w2.weight": WeightSpec("mlp.experts.down_proj.weight"),
     },
 }
+MOE_WEIGHTS["deepseek"] = {
+    "mlp.gate.weight": WeightSpec("mlp.router.weight"),
+    "mlp.gate.e_score_correction_bias": WeightSpec("mlp.score_correction_bias"),
+    **{k: v for k, v in MOE_WEIGHTS["qwen"].items() if ".experts." in k},
+    **{
+        f"mlp.shared_experts.{name}.{p}": WeightSpec(f"mlp.shared_expert.{name}.{p}")
+        for name in ("gate_proj", "up_proj", "down_proj")
+        for p in ("weight", "bias")
+    },
+}
 GLOBAL_WEIGHTS: dict[str, str] = {
     "model.embed_tokens.weight": "embed.embedding",
     "model.norm.weight": "norm.scale",
@@ -550,7 +724,8 @@ GLOBAL_WEIGHTS: dict[str, str] = {
 def block_weights(family: Family, spec: BlockSpec) -> dict[str, WeightSpec]:
     """The weight map of one block: attention part + its MLP part."""
     mlp = MOE_WEIGHTS[family.moe_weights] if spec.mlp == "moe" else DENSE_MLP_WEIGHTS
-    attention = {k: v for k, v in ATTENTION_WEIGHTS.items() if "layernorm" not in k}
+    attention = MLA_WEIGHTS if family.mla else ATTENTION_WEIGHTS
+    attention = {k: v for k, v in attention.items() if "input_layernorm" not in k and "post_attention" not in k}
     return {**NORM_WEIGHTS[family.norm_placement], **attention, **mlp}
 
 
@@ -561,6 +736,10 @@ LINEAR_MODULES: dict[str, tuple[str, str]] = {
     "q_proj": ("self_attn.q_proj", "attn.q_proj"),
     "k_proj": ("self_attn.k_proj", "attn.k_proj"),
     "v_proj": ("self_attn.v_proj", "attn.v_proj"),
+    "q_a_proj": ("self_attn.q_a_proj", "attn.q_a_proj"),  # multi-head latent attention (DeepSeek)
+    "q_b_proj": ("self_attn.q_b_proj", "attn.q_b_proj"),
+    "kv_a_proj_with_mqa": ("self_attn.kv_a_proj_with_mqa", "attn.kv_a_proj_with_mqa"),
+    "kv_b_proj": ("self_attn.kv_b_proj", "attn.kv_b_proj"),
     "o_proj": ("self_attn.o_proj", "attn.o_proj"),
     "gate_proj": ("mlp.gate_proj", "mlp.gate_proj"),
     "up_proj": ("mlp.up_proj", "mlp.up_proj"),

@@ -206,7 +206,8 @@ class Attention(nnx.Module):
 def attend(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale=None, softcap=None, sinks=None
 ) -> jax.Array:
-    """Softmax attention in fp32. q: [B, S, H, D], k/v: [B, T, K, D] with H = K * G, mask: [B, S, T].
+    """Softmax attention in fp32. q / k: [B, S, H, D] / [B, T, K, D] with H = K * G, v: [B, T, K, Dv] (Dv may differ
+    from D: multi-head latent attention), mask: [B, S, T] -> [B, S, H, Dv].
 
     ``scale``: the logit scale (None: 1 / sqrt(D)); ``softcap``: logits become ``softcap * tanh(logits / softcap)``
     before the mask (Gemma 2); ``sinks [H]``: a logit per head in every softmax whose probability is dropped
@@ -215,7 +216,7 @@ def attend(
     On CPU, and with a soft-cap: :func:`attend_einsum` (its backward keeps only the probabilities; measured faster
     there than ``jax.nn.dot_product_attention``). On GPU/TPU: :func:`attend_fused`.
     """
-    if jax.default_backend() == "cpu" or softcap is not None or sinks is not None:
+    if jax.default_backend() == "cpu" or softcap is not None or sinks is not None or v.shape[-1] != q.shape[-1]:
         return attend_einsum(q, k, v, mask, scale, softcap, sinks)
     return attend_fused(q, k, v, mask, scale=scale)
 
@@ -257,7 +258,7 @@ def attend_einsum(
         probs = sink_softmax(scores, mask[:, None, None], sinks.astype(jnp.float32).reshape(1, kh, h // kh, 1, 1))
         probs = probs.astype(v.dtype)
     out = einsum("bkgst,btkd->bskgd", probs, v)
-    return out.reshape(b, s, h, d)
+    return out.reshape(b, s, h, v.shape[-1])
 
 
 def sink_softmax(scores: jax.Array, mask: jax.Array, sink: jax.Array) -> jax.Array:

@@ -20,6 +20,7 @@ from flax import nnx
 
 from tx import hub
 from tx.errors import CheckpointError
+from tx.models import fp8
 from tx.models.config import ModelConfig, load_config
 from tx.models.decoder import CausalLM
 from tx.models.families import GLOBAL_WEIGHTS, block_weights, family_named, text_wrapper
@@ -187,13 +188,25 @@ def read_tensor(where: dict, key: str) -> np.ndarray:
     """The tensor ``key`` as transformers holds it in memory (a view of the file; :func:`release_tensor` after
     use): MXFP4 ``key_blocks`` + ``key_scales`` are dequantised (they store the last two axes swapped)."""
     if key in where:
-        return where[key].get(key)
+        value = where[key].get(key)
+        if value.dtype == fp8.FP8:
+            scale = key + fp8.SCALE_SUFFIX
+            if scale not in where:
+                raise CheckpointError(
+                    f"{_file_of(where, key)}: tensor {key!r} is float8_e4m3fn but its scale {scale!r} is missing; "
+                    "an FP8 weight needs its per-block weight_scale_inv"
+                )
+            return fp8.dequantize(value, where[scale].get(scale), key)
+        return value
     blocks, scales = (where[key + s].get(key + s) for s in MXFP4_SUFFIXES)
     return np.swapaxes(dequantize(blocks, scales, key), -1, -2)
 
 
 def release_tensor(where: dict, key: str) -> None:
-    for name in (key,) if key in where else tuple(key + s for s in MXFP4_SUFFIXES):
+    names = (key,) if key in where else tuple(key + s for s in MXFP4_SUFFIXES)
+    if key + fp8.SCALE_SUFFIX in where:
+        names += (key + fp8.SCALE_SUFFIX,)
+    for name in names:
         where[name].release(name)
 
 
@@ -205,6 +218,17 @@ def _mxfp4_shape(where: dict, key: str) -> tuple[int, ...]:
 def _file_of(where: dict, key: str) -> str:
     f = where.get(key) or where.get(key + "_blocks")
     return f.path.name if f is not None else key
+
+
+def _is_mtp_key(cfg: ModelConfig, key: str) -> bool:
+    """A tensor of a multi-token-prediction layer past the decoder's last (DeepSeek-V3's ``model.layers.61.*`` with
+    ``num_nextn_predict_layers``): transformers does not load them and tx leaves them too."""
+    extra = cfg.raw.get("num_nextn_predict_layers") or 0
+    prefix = f"{cfg.hf_weight_prefix}layers."
+    if not isinstance(extra, int) or extra <= 0 or not key.startswith(prefix):
+        return False
+    index = key[len(prefix) :].split(".", 1)[0]
+    return index.isdigit() and cfg.num_layers <= int(index) < cfg.num_layers + extra
 
 
 def _check_keys(folder: Path, cfg, plan, flat, by_path, where) -> None:
@@ -222,11 +246,21 @@ def _check_keys(folder: Path, cfg, plan, flat, by_path, where) -> None:
             else:
                 expected.add(key)
                 found = tuple(where[key].shape(key)) if key in where else None
+                if found is not None and where[key].dtype(key) == fp8.FP8:
+                    expected.add(key + fp8.SCALE_SUFFIX)
+                    if key + fp8.SCALE_SUFFIX not in where:
+                        problems.append(
+                            f"tensor {key!r} is float8_e4m3fn but its scale {key + fp8.SCALE_SUFFIX!r} is missing"
+                        )
             if found is None:
                 problems.append(f"missing tensor {key!r} (expected shape {tuple(want)})")
             elif found != tuple(want):
                 problems.append(f"tensor {key!r} has shape {found} but config.json implies {tuple(want)}")
-    extra = sorted(k for k in where if k not in expected and not k.endswith(IGNORED_SUFFIXES) and is_text_key(cfg, k))
+    extra = sorted(
+        k
+        for k in where
+        if k not in expected and not k.endswith(IGNORED_SUFFIXES) and is_text_key(cfg, k) and not _is_mtp_key(cfg, k)
+    )
     if cfg.tie_word_embeddings:
         extra = [k for k in extra if k != global_key(cfg, "lm_head.weight")]  # some writers keep the tied copy
     if extra:

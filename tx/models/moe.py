@@ -155,7 +155,8 @@ class Experts(nnx.Module):
 
 
 class MoE(nnx.Module):
-    """Router + experts (+ Qwen2-MoE's gated shared expert). ``__call__``: x [B, S, C] -> [B, S, C]."""
+    """Router + experts (+ Qwen2-MoE's gated shared expert, DeepSeek's ungated shared experts). ``__call__``:
+    x [B, S, C] -> [B, S, C]. Routers: "softmax_topk", "topk_softmax", "grouped" (DeepSeek)."""
 
     def __init__(self, cfg: ModelConfig, *, stack=(), dtype, rngs):
         moe = cfg.moe
@@ -165,15 +166,24 @@ class MoE(nnx.Module):
         self.router = Linear(
             c, moe.num_experts, bias=moe.router_bias, axes=("fsdp", None), stack=stack, dtype=dtype, rngs=rngs
         )
-        self.experts = Experts(moe, c, stack=stack, dtype=dtype, rngs=rngs)
-        if moe.shared_expert_size:
-            self.shared_expert = MLP(cfg, width=moe.shared_expert_size, stack=stack, dtype=dtype, rngs=rngs)
-            self.shared_expert_gate = Linear(c, 1, bias=False, axes=("fsdp", None), stack=stack, dtype=dtype, rngs=rngs)
+        self.moe = moe
+        if moe.correction_bias:  # DeepSeek-V3's e_score_correction_bias: shifts the choice, not the weights
+            lead = ("layers",) * len(stack)
+            self.score_correction_bias = _param(rngs, (*stack, moe.num_experts), (*lead, None), dtype, "zeros")
         else:
-            self.shared_expert = self.shared_expert_gate = None
+            self.score_correction_bias = None
+        self.experts = Experts(moe, c, stack=stack, dtype=dtype, rngs=rngs)
+        shared = gate = None
+        if moe.shared_expert_size:
+            shared = MLP(cfg, width=moe.shared_expert_size, stack=stack, dtype=dtype, rngs=rngs)
+            if moe.shared_expert_gate:  # Qwen2-MoE's sigmoid gate; DeepSeek's shared experts have none
+                gate = Linear(c, 1, bias=False, axes=("fsdp", None), stack=stack, dtype=dtype, rngs=rngs)
+        self.shared_expert, self.shared_expert_gate = shared, gate
 
     def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x: [T, C] -> (router logits [T, E] fp32, chosen weights [T, k] in x's dtype, chosen experts [T, k])."""
+        if self.router_kind == "grouped":
+            return self._route_grouped(x)
         logits = self.router(x).astype(jnp.float32)
         if self.router_kind == "topk_softmax":  # gpt-oss: the top-k logits, then a softmax over them
             top_logits, top_i = jax.lax.top_k(logits, self.top_k)
@@ -182,6 +192,32 @@ class MoE(nnx.Module):
         top_w, top_i = jax.lax.top_k(probs, self.top_k)
         if self.norm_topk_prob:
             top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+        return logits, top_w.astype(x.dtype), top_i
+
+    def _route_grouped(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """DeepSeek's routing (see :class:`~tx.models.config.MoEConfig`), in fp32 as transformers computes it."""
+        moe = self.moe
+        logits = self.router(x.astype(jnp.float32)).astype(jnp.float32)
+        scores = jax.nn.sigmoid(logits) if moe.scoring == "sigmoid" else jax.nn.softmax(logits, axis=-1)
+        choice = scores
+        if self.score_correction_bias is not None:
+            choice = choice + self.score_correction_bias[...].astype(jnp.float32)
+        if moe.topk_group < moe.n_group:
+            t = choice.shape[0]
+            grouped = choice.reshape(t, moe.n_group, moe.num_experts // moe.n_group)
+            if moe.group_score == "max":
+                group_scores = jnp.max(grouped, axis=-1)
+            else:
+                group_scores = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)
+            _, groups = jax.lax.top_k(group_scores, moe.topk_group)
+            keep = jnp.zeros((t, moe.n_group), bool).at[jnp.arange(t)[:, None], groups].set(True)
+            keep = jnp.repeat(keep, moe.num_experts // moe.n_group, axis=-1)
+            choice = jnp.where(keep, choice, -jnp.inf)
+        _, top_i = jax.lax.top_k(choice, self.top_k)
+        top_w = jnp.take_along_axis(scores, top_i, axis=-1)
+        if self.norm_topk_prob:
+            top_w = top_w / (jnp.sum(top_w, axis=-1, keepdims=True) + 1e-20)
+        top_w = top_w * moe.routed_scaling_factor
         return logits, top_w.astype(x.dtype), top_i
 
     def __call__(self, x: jax.Array, tokens: jax.Array | None = None) -> tuple[jax.Array, RouterSums]:
@@ -195,9 +231,11 @@ class MoE(nnx.Module):
             out = self.experts.dense(flat, weights)
         else:
             out = self.experts.ragged(flat, top_w, top_i)
-        if self.shared_expert is not None:
+        if self.shared_expert_gate is not None:
             gate = jax.nn.sigmoid(self.shared_expert_gate(flat))
             out = out + gate * self.shared_expert(flat)
+        elif self.shared_expert is not None:
+            out = out + self.shared_expert(flat)
         real = jnp.ones((flat.shape[0],), jnp.float32) if tokens is None else tokens.reshape(-1).astype(jnp.float32)
         probs = jax.nn.softmax(logits, axis=-1)
         sums = RouterSums(
