@@ -219,10 +219,11 @@ def cpu_model() -> str | None:
     return None
 
 
-def _moe() -> str:
+def _moe(cfg, tokens: int) -> str:
+    """The expert formulation a step of ``tokens`` tokens runs."""
     from tx.models.moe import formulation
 
-    return formulation()
+    return formulation(tokens, cfg.moe.num_experts, cfg.moe.top_k)
 
 
 def peak_rss_mb() -> float:
@@ -432,7 +433,9 @@ def main():
         "backend": jax.default_backend(),
         "preset": None if a.model else a.preset,
         "model": a.model,
-        "moe": None if not moe else {"experts": cfg.moe.num_experts, "top_k": cfg.moe.top_k, "formulation": _moe()},
+        "moe": None
+        if not moe
+        else {"experts": cfg.moe.num_experts, "top_k": cfg.moe.top_k, "formulation": _moe(cfg, a.batch * a.seq)},
         "cpu": cpu_model(),
         "shape": {k: getattr(a, k) for k in (*SHAPE_KEYS, "batch", "seq", "rank", "dtype", "remat", "scan_layers")},
         "keep_freed_memory": kept,

@@ -78,6 +78,15 @@ class LoRAExperts(nnx.Module):
         h = einsum("ti,eri->ter", x, a) if x.ndim == 2 else einsum("tei,eri->ter", x, a)
         return y + einsum("ter,eor->teo", h * self._scale(x.dtype), b).astype(y.dtype)
 
+    def blocked(self, x: jax.Array, expert: jax.Array) -> jax.Array:
+        y = self.base.blocked(x, expert)
+        if not self.enabled:
+            return y
+        a = jnp.take(self.lora_a[...], expert, axis=0).astype(x.dtype)  # [NB, r, in]
+        b = jnp.take(self.lora_b[...], expert, axis=0).astype(x.dtype)  # [NB, out, r]
+        h = einsum("nbi,nri->nbr", x, a)
+        return y + einsum("nbr,nor->nbo", h * self._scale(x.dtype), b).astype(y.dtype)
+
     def ragged(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
         y = self.base.ragged(x, group_sizes)
         if not self.enabled:

@@ -6,16 +6,19 @@ Parameters keep transformers 5's in-memory layout (PEFT's ``target_parameters`` 
     experts.gate_up_proj.weight [*stack, E, 2I, C]    gate rows first, then up
     experts.down_proj.weight    [*stack, E, C, I]
 
-Two formulations compute the same function:
+Three formulations compute the same function:
 
-- ``dense`` (CPU): every expert runs on every token and the outputs are summed with the routing weights, zero for
+- ``dense`` (CPU, when it computes fewer rows than ``blocked``: few tokens per expert): every expert runs on every token and the outputs are summed with the routing weights, zero for
   the experts a token did not choose. ``E / k`` times the routed FLOPs, but plain batched matmuls, which XLA:CPU
   runs at its matmul peak; ``jax.lax.ragged_dot`` runs at a small fraction of it there (see
   ``benchmarks/moe.py``).
+- ``blocked`` (CPU): the (token, choice) pairs sorted by expert, each expert's rows padded to a multiple of
+  ``BLOCK`` rows, and every block multiplied by its expert's weights in one batched matmul: the routed FLOPs plus at
+  most ``E * (BLOCK - 1)`` padding rows, at XLA:CPU's batched-matmul speed (``benchmarks/moe.py``).
 - ``ragged`` (GPU / TPU): the (token, choice) pairs sorted by expert and multiplied with ``jax.lax.ragged_dot``,
   the routed FLOPs only.
 
-``TX_MOE=dense`` or ``TX_MOE=ragged`` overrides the choice by backend.
+``TX_MOE=dense``, ``TX_MOE=blocked`` or ``TX_MOE=ragged`` overrides the choice by backend.
 
 Every call also returns :class:`RouterSums` over its real tokens: what the trainer reports (tokens per expert,
 dropped tokens) and what the load-balancing loss needs (:func:`load_balancing_loss`, transformers'
@@ -36,11 +39,56 @@ from tx.models.layers import MLP, Linear, _param, swiglu
 from tx.models.matmul import einsum
 
 
-def formulation() -> str:
+BLOCK = 128  # rows per block of the blocked formulation (measured: 128 beat 32, 64 and 256; benchmarks/moe.py)
+FORMULATIONS = ("dense", "blocked", "ragged")
+
+
+def formulation(tokens: int | None = None, experts: int | None = None, top_k: int | None = None) -> str:
+    """The expert formulation: ``TX_MOE`` if set, ``ragged`` off CPU; on CPU ``blocked``, or ``dense`` for a call
+    of ``tokens`` tokens where that computes fewer rows (few tokens per expert: decoding, tiny batches)."""
     choice = os.environ.get("TX_MOE")
-    if choice in ("dense", "ragged"):
+    if choice in FORMULATIONS:
         return choice
-    return "dense" if jax.default_backend() == "cpu" else "ragged"
+    if jax.default_backend() != "cpu":
+        return "ragged"
+    if tokens is not None and blocked_rows(tokens * top_k, experts, BLOCK) >= tokens * experts:
+        return "dense"
+    return "blocked"
+
+
+def blocked_rows(pairs: int, experts: int, block: int) -> int:
+    """Rows the blocked formulation computes for ``pairs`` (token, choice) pairs: a static bound, every block."""
+    return (pairs + experts * (block - 1)) // block * block
+
+
+class Blocks(NamedTuple):
+    """The (token, choice) pairs laid out in blocks of one expert each: ``token [NB, B]`` the source row (T: a
+    padding row), ``weight [NB, B]`` its routing weight (0 for padding), ``expert [NB]`` the block's expert."""
+
+    token: jax.Array
+    weight: jax.Array
+    expert: jax.Array
+
+
+def plan_blocks(top_w: jax.Array, top_i: jax.Array, experts: int, block: int) -> Blocks:
+    """Sort the pairs by expert and pad each expert's run of rows to a multiple of ``block``. The number of blocks
+    is static: sum_e ceil(n_e / B) <= (T * k + E * (B - 1)) / B."""
+    t, k = top_i.shape
+    n = t * k
+    flat = top_i.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    chosen = flat[order]
+    sizes = jnp.bincount(flat, length=experts).astype(jnp.int32)
+    padded = (sizes + block - 1) // block * block
+    ends_p = jnp.cumsum(padded)
+    starts_p, starts = ends_p - padded, jnp.cumsum(sizes) - sizes
+    pos = starts_p[chosen] + jnp.arange(n, dtype=jnp.int32) - starts[chosen]
+    nb = blocked_rows(n, experts, block) // block
+    token = jnp.full((nb * block,), t, jnp.int32).at[pos].set((order // k).astype(jnp.int32))
+    weight = jnp.zeros((nb * block,), top_w.dtype).at[pos].set(top_w.reshape(-1)[order])
+    first_row = jnp.arange(nb, dtype=jnp.int32) * block
+    expert = jnp.minimum(jnp.searchsorted(ends_p, first_row, side="right"), experts - 1).astype(jnp.int32)
+    return Blocks(token.reshape(nb, block), weight.reshape(nb, block), expert)
 
 
 class RouterSums(NamedTuple):
@@ -94,6 +142,12 @@ class ExpertLinear(nnx.Module):
         y = einsum("ti,eoi->teo", x, w) if x.ndim == 2 else einsum("tei,eoi->teo", x, w)
         return y if self.bias is None else y + self.bias[...].astype(y.dtype)
 
+    def blocked(self, x: jax.Array, expert: jax.Array) -> jax.Array:
+        """x: [NB, B, in], block ``n``'s rows for expert ``expert[n]`` -> [NB, B, out]."""
+        w = jnp.take(self.weight[...], expert, axis=0).astype(x.dtype)
+        y = einsum("nbi,noi->nbo", x, w)
+        return y if self.bias is None else y + jnp.take(self.bias[...], expert, axis=0).astype(y.dtype)[:, None]
+
     def ragged(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
         """x: [N, in] rows sorted by expert, ``group_sizes [E]`` rows each -> [N, out]."""
         w = jnp.swapaxes(self.weight[...].astype(x.dtype), -1, -2)
@@ -139,6 +193,15 @@ class Experts(nnx.Module):
         h = self.gate_up_proj.dense(x)
         y = self.down_proj.dense(self._gated(h))
         return einsum("te,tec->tc", weights.astype(y.dtype), y)
+
+    def blocked(self, x: jax.Array, top_w: jax.Array, top_i: jax.Array) -> jax.Array:
+        """x: [T, C], top_w / top_i: [T, k] chosen weights and experts -> [T, C] (see :func:`plan_blocks`)."""
+        t, c = x.shape
+        plan = plan_blocks(top_w, top_i, self.num_experts, BLOCK)
+        xs = jnp.take(jnp.concatenate([x, jnp.zeros((1, c), x.dtype)]), plan.token, axis=0)  # [NB, B, C]
+        h = self.gate_up_proj.blocked(xs, plan.expert)
+        y = self.down_proj.blocked(self._gated(h), plan.expert) * plan.weight[..., None].astype(x.dtype)
+        return jnp.zeros((t + 1, c), y.dtype).at[plan.token.reshape(-1)].add(y.reshape(-1, c))[:t]
 
     def ragged(self, x: jax.Array, top_w: jax.Array, top_i: jax.Array) -> jax.Array:
         """x: [T, C], top_w / top_i: [T, k] chosen weights and experts -> [T, C]."""
@@ -225,10 +288,13 @@ class MoE(nnx.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         logits, top_w, top_i = self.route(flat)
-        if formulation() == "dense":
+        kind = formulation(flat.shape[0], self.num_experts, self.top_k)
+        if kind == "dense":
             weights = jnp.zeros((flat.shape[0], self.num_experts), top_w.dtype)
             weights = weights.at[jnp.arange(flat.shape[0])[:, None], top_i].set(top_w)
             out = self.experts.dense(flat, weights)
+        elif kind == "blocked":
+            out = self.experts.blocked(flat, top_w, top_i)
         else:
             out = self.experts.ragged(flat, top_w, top_i)
         if self.shared_expert_gate is not None:
