@@ -8,10 +8,10 @@ Parameters keep transformers 5's in-memory layout (PEFT's ``target_parameters`` 
 
 Three formulations compute the same function:
 
-- ``dense`` (CPU, when it computes fewer rows than ``blocked``: few tokens per expert): every expert runs on every token and the outputs are summed with the routing weights, zero for
-  the experts a token did not choose. ``E / k`` times the routed FLOPs, but plain batched matmuls, which XLA:CPU
-  runs at its matmul peak; ``jax.lax.ragged_dot`` runs at a small fraction of it there (see
-  ``benchmarks/moe.py``).
+- ``dense`` (CPU, for calls where it computes fewer rows than ``blocked``: few tokens per expert, as in
+  decoding): every expert runs on every token and the outputs are summed with the routing weights, zero for the
+  experts a token did not choose. ``E / k`` times the routed FLOPs, in plain batched matmuls; ``jax.lax.ragged_dot``
+  runs at a small fraction of XLA:CPU's matmul peak (``benchmarks/moe.py``).
 - ``blocked`` (CPU): the (token, choice) pairs sorted by expert, each expert's rows padded to a multiple of
   ``BLOCK`` rows, and every block multiplied by its expert's weights in one batched matmul: the routed FLOPs plus at
   most ``E * (BLOCK - 1)`` padding rows, at XLA:CPU's batched-matmul speed (``benchmarks/moe.py``).
@@ -37,7 +37,6 @@ from flax import nnx
 from tx.models.config import ModelConfig, MoEConfig
 from tx.models.layers import MLP, Linear, _param, swiglu
 from tx.models.matmul import einsum
-
 
 BLOCK = 128  # rows per block of the blocked formulation (measured: 128 beat 32, 64 and 256; benchmarks/moe.py)
 FORMULATIONS = ("dense", "blocked", "ragged")
