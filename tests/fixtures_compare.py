@@ -54,3 +54,12 @@ def peft_copy(ref, folder=None, config=None):
     if folder is not None:
         return peft.PeftModel.from_pretrained(base, folder).eval()
     return peft.get_peft_model(base, config).eval()
+
+
+def greedy_full(model, prompt, n):
+    """Greedy continuation of ``prompt`` by ``n`` tokens, each from a full forward pass (no cache)."""
+    ids = list(prompt)
+    for _ in range(n):
+        logits = np.asarray(model(np.asarray([ids], np.int32)))[0, -1]
+        ids.append(int(logits.argmax()))
+    return ids[len(prompt) :]

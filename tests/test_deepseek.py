@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from fixtures_compare import hf_masked, max_diff, padded_batch, peft_copy, randomize_lora, tx_logits
+from fixtures_compare import greedy_full, hf_masked, max_diff, padded_batch, peft_copy, randomize_lora, tx_logits
 from fixtures_models import DEEPSEEK_FAMILY_NAMES, make_checkpoint
 
 import tx
@@ -115,14 +115,6 @@ def test_tx_adapter_loads_in_peft_and_merged_export_in_transformers(ds_checkpoin
     tx.save_model(tx.merge_lora(model), tmp_path / "merged")
     merged = T.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     assert max_diff(hf_masked(merged, ids, mask), got, mask) <= TOL
-
-
-def greedy_full(model, prompt, n):
-    ids = list(prompt)
-    for _ in range(n):
-        logits = np.asarray(model(np.asarray([ids], np.int32)))[0, -1]
-        ids.append(int(logits.argmax()))
-    return ids[len(prompt) :]
 
 
 @pytest.mark.parametrize("family", DEEPSEEK_FAMILY_NAMES)

@@ -3,17 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from fixtures_compare import greedy_full
 
 import tx
 from tx.generate import generate_ids
-
-
-def greedy_full(model, prompt, n):
-    ids = list(prompt)
-    for _ in range(n):
-        logits = np.asarray(model(np.asarray([ids], np.int32)))[0, -1]
-        ids.append(int(logits.argmax()))
-    return ids[len(prompt) :]
 
 
 @pytest.mark.parametrize("family", ["qwen3", "mistral"])

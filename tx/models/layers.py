@@ -192,15 +192,18 @@ class Attention(nnx.Module):
         if ctx.cos is not None:
             q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if kv is not None:
-            start = (0, ctx.cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
-            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
-            kv = (k, v)
+            kv = k, v = write_cache(kv, (k, v), ctx.cache_index)
         sinks = None if self.sinks is None else self.sinks[...]
         out = attend(
             q, k.astype(q.dtype), v.astype(q.dtype), ctx.mask, scale=self.scale, softcap=self.softcap, sinks=sinks
         )
         return self.o_proj(out.reshape(b, s, -1)), kv
+
+
+def write_cache(kv: tuple, new: tuple, index) -> tuple:
+    """One layer's cache entries [B, T, ...] with ``new`` [B, S, ...] written from slot ``index``."""
+    start = (0, index) + (0,) * (kv[0].ndim - 2)
+    return tuple(jax.lax.dynamic_update_slice(c, x.astype(c.dtype), start) for c, x in zip(kv, new))
 
 
 def attend(

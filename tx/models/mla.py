@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tx.models.config import ModelConfig
-from tx.models.layers import AttentionContext, Linear, RMSNorm, attend, masked_softmax
+from tx.models.layers import AttentionContext, Linear, RMSNorm, attend, masked_softmax, write_cache
 from tx.models.matmul import einsum
 from tx.models.rope import apply_rope
 
@@ -78,10 +78,7 @@ class MLAttention(nnx.Module):
             q_rot, k_rot = deinterleave(q_rot), deinterleave(k_rot)
         q_rot, k_rot = apply_rope(q_rot, ctx.cos, ctx.sin), apply_rope(k_rot, ctx.cos, ctx.sin)
         if kv is not None:
-            start = (0, ctx.cache_index, 0, 0)
-            latent = jax.lax.dynamic_update_slice(kv[0], latent.astype(kv[0].dtype), start)
-            k_rot = jax.lax.dynamic_update_slice(kv[1], k_rot.astype(kv[1].dtype), start)
-            kv = (latent, k_rot)
+            kv = latent, k_rot = write_cache(kv, (latent, k_rot), ctx.cache_index)
         latent, k_rot = latent.astype(q.dtype), k_rot.astype(q.dtype)
         if kv is not None and ABSORB:
             out = self.absorbed(q_nope, q_rot, latent, k_rot, ctx.mask)
