@@ -70,6 +70,8 @@ def hf_config(family: str, **overrides):
         return T.Qwen3Config(**COMMON, head_dim=16, architectures=["Qwen3ForCausalLM"])
     if family == "mistral":
         return T.MistralConfig(**COMMON, sliding_window=5, architectures=["MistralForCausalLM"])
+    if family.startswith("deepseek_v4"):
+        return _deepseek_v4_config(T, family, overrides)
     if family.startswith(("deepseek", "glm4_moe_lite")):
         return _deepseek_config(T, family, {**COMMON, **DEEPSEEK, **overrides})
     dense = _dense_config(T, family, COMMON)
@@ -122,6 +124,67 @@ def hf_config(family: str, **overrides):
             architectures=["MixtralForCausalLM"],
         )
     raise ValueError(family)
+
+
+def _deepseek_v4_config(T, family: str, overrides: dict):
+    """DeepSeek-V4, two option sets.
+
+    "deepseek_v4": 6 layers HCA, sliding, CSA, HCA, CSA, HCA (segments [H] x 1, [S] x 1, [C H] x 2), hash routing on
+    the first two, hc_mult 4, yarn on the compress rope, sqrt-softplus scores, index_topk 64 (every entry: the
+    selection cannot differ). "deepseek_v4_b": 5 layers sliding, CSA, CSA, HCA, CSA with one hash layer, hc_mult 3,
+    default ropes, sigmoid scores, one output group, index_topk 2 (the indexer chooses), 8 indexer heads.
+    """
+    base = dict(
+        vocab_size=96,
+        hidden_size=32,
+        moe_intermediate_size=16,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        q_lora_rank=12,
+        partial_rotary_factor=0.5,
+        num_experts_per_tok=2,
+        n_routed_experts=5,
+        hc_sinkhorn_iters=20,
+        sliding_window=6,
+        o_lora_rank=10,
+        index_head_dim=8,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        architectures=["DeepseekV4ForCausalLM"],
+    )
+    h, s, c = "heavily_compressed_attention", "sliding_attention", "compressed_sparse_attention"
+    if family == "deepseek_v4":
+        cfg = dict(
+            num_hidden_layers=6,
+            layer_types=[h, s, c, h, c, h],
+            mlp_layer_types=["hash_moe"] * 2 + ["moe"] * 4,
+            hc_mult=4,
+            o_groups=2,
+            index_n_heads=2,
+            index_topk=64,
+            compress_rates={c: 4, h: 8},
+            rope_parameters=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64),
+        )
+    else:
+        cfg = dict(
+            num_hidden_layers=5,
+            layer_types=[s, c, c, h, c],
+            mlp_layer_types=["hash_moe"] + ["moe"] * 4,
+            hc_mult=3,
+            hc_sinkhorn_iters=8,
+            o_groups=1,
+            index_n_heads=8,
+            index_topk=2,
+            scoring_func="sigmoid",
+            routed_scaling_factor=2.0,
+            swiglu_limit=0.3,
+            compress_rates={c: 3, h: 5},
+        )
+    return T.DeepseekV4Config(**{**base, **cfg, **overrides})
 
 
 def _deepseek_config(T, family: str, common: dict):
@@ -278,6 +341,9 @@ def hf_model(family: str, seed: int = 0, **overrides):
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # DeepSeek-V3: shifts which experts are chosen
                 buf.copy_(0.3 * torch.randn_like(buf))
+            if name.endswith("tid2eid"):  # DeepSeek-V4's hash routing: distinct random experts per token id
+                experts = cfg.n_routed_experts
+                buf.copy_(torch.stack([torch.randperm(experts)[: buf.shape[1]] for _ in range(buf.shape[0])]))
     return model
 
 

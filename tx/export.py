@@ -82,7 +82,14 @@ def _weight_entries(model) -> list[tuple[str, tuple[int, ...], np.dtype, Callabl
         layer = _LayerCache(var, lora)
         for hf, index, transpose in fills:
             shape = indexed_shape(tuple(var.shape), index)
-            if not index:
+            dtype = np.dtype(np.int64) if np.issubdtype(np.dtype(var.dtype), np.integer) else np.dtype(var.dtype)
+            if dtype == np.int64:  # an index table (DeepSeek-V4's tid2eid): int64, as transformers holds it
+                produce = lambda index=index, var=var: host_array(var[...])[index].astype(np.int64)  # noqa: E731
+                entries.append((hf, shape, dtype, produce))
+            elif not index and transpose:  # a global tensor stored transposed (DeepSeek-V4's hc_head.hc_fn)
+                shape = (shape[-1], shape[-2])
+                entries.append((hf, shape, dtype, lambda var=var: np.ascontiguousarray(host_array(var[...]).T)))
+            elif not index:
                 entries.append((hf, shape, np.dtype(var.dtype), lambda var=var: host_array(var[...])))
             elif transpose:  # written in the on-disk layout (last two axes swapped)
                 shape = (*shape[:-2], shape[-1], shape[-2])

@@ -29,7 +29,15 @@ import jax
 import numpy as np
 from flax import nnx
 
-from tx.adapters.connector import Connector, ConnectorConfig, ConnectorParam, FrozenConnectorParam, StreamEdges
+from tx.adapters.connector import (
+    Connector,
+    ConnectorConfig,
+    ConnectorParam,
+    FrozenConnectorParam,
+    HyperHead,
+    StreamEdges,
+    native_connector_config,
+)
 from tx.adapters.lora import ALL_LINEAR, LoRAConfig, LoRALinear, LoRAParam, merge
 from tx.adapters.lora_experts import LoRAExperts, merge_experts
 from tx.errors import AdapterError, ConfigError
@@ -77,10 +85,13 @@ def linear_sites(model) -> list[LinearSite]:
     from tx.models.decoder import blocks
 
     sites = []
-    renamed = family_named(model.config.family).hf_modules
+    family = family_named(model.config.family)
+    renamed = family.hf_modules
     hf_prefix = model.config.hf_module_prefix
     for prefix, _, layer_ids in blocks(model):
         for name, (hf_module, tx_rel) in LINEAR_MODULES.items():
+            if name in family.not_linear:
+                continue
             hf_module = renamed.get(name, hf_module)
             path = (*prefix, *tx_rel.split("."))
             if isinstance(module_at(model, path), Linear | LoRALinear):
@@ -214,28 +225,84 @@ def lora_modules(model) -> list[tuple[LinearSite, LoRALinear | LoRAExperts]]:
 RESIDUALS = ("attn_residual", "mlp_residual")
 
 
+def _is_adapter(model, module) -> bool:
+    """An installed connector, or a checkpoint's native one (DeepSeek-V4) once attach has made it an adapter
+    (``model.connector_config`` set); a native one left frozen is part of the base model."""
+    if not isinstance(module, Connector):
+        return False
+    return not module.config.native or getattr(model, "connector_config", None) is not None
+
+
 def connector_sites(model) -> list[tuple[str, Block, Connector, tuple[int, ...]]]:
-    """(residual name, block, installed Connector, the block's layer ids) for every connector (none when n = 1)."""
+    """(residual name, block, Connector, the block's layer ids) for every connector adapter (none when n = 1)."""
     from tx.models.decoder import blocks
 
     out = []
     for _, block, layer_ids in blocks(model):
         for name in RESIDUALS:
-            if isinstance(module := getattr(block, name, None), Connector):
+            if _is_adapter(model, module := getattr(block, name, None)):
                 out.append((name, block, module, layer_ids))
     return out
 
 
 def connector_modules(model) -> dict[str, Connector]:
-    """Path of the residual module (``segments.0.blocks.0.attn_residual``) -> installed Connector."""
+    """Path of the residual module (``segments.0.blocks.0.attn_residual``) -> Connector adapter."""
     from tx.models.decoder import blocks
 
     return {
         ".".join(map(str, (*prefix, name))): module
         for prefix, block, _ in blocks(model)
         for name in RESIDUALS
-        if isinstance(module := getattr(block, name, None), Connector)
+        if _is_adapter(model, module := getattr(block, name, None))
     }
+
+
+def native_modules(model) -> list:
+    """A checkpoint's own hyper-connections (DeepSeek-V4): every native Connector and the HyperHead."""
+    from tx.models.decoder import blocks
+
+    out = [
+        module
+        for _, block, _ in blocks(model)
+        for name in RESIDUALS
+        if isinstance(module := getattr(block, name, None), Connector) and module.config.native
+    ]
+    if isinstance(getattr(model, "streams", None), HyperHead):
+        out.append(model.streams)
+    return out
+
+
+def _retype_native(model, config: ConnectorConfig) -> None:
+    """Give every native module ``config`` and its variables the type ``config.trainable`` asks for."""
+    cls = ConnectorParam if config.trainable else FrozenConnectorParam
+    for module in native_modules(model):
+        module.config = config
+        for name in ("proj", "base", "scale"):
+            setattr(module, name, cls(getattr(module, name)[...]))
+
+
+def _check_native(model, connector: ConnectorConfig) -> None:
+    """``connector`` on a checkpoint with native hyper-connections: they become the adapter, trained or not as
+    ``connector.trainable`` says; their shape is the checkpoint's."""
+    h, arch = model.config.hyper, model.config.architecture
+    fix = f"use tx.ConnectorConfig(expansion_rate={h.n}, trainable=...), or no connector to keep them frozen"
+    if connector.expansion_rate != h.n:
+        raise ConfigError(
+            f"this {arch} carries its own hyper-connections with hc_mult={h.n} streams; expansion_rate="
+            f"{connector.expansion_rate} cannot change them: {fix}"
+        )
+    if connector.kind != "mhc" or connector.fracs != 1 or connector.layers is not None:
+        raise ConfigError(
+            f"this {arch} carries its own mhc hyper-connections on every layer; kind={connector.kind!r}, "
+            f"fracs={connector.fracs}, layers={connector.layers} cannot replace them: {fix}"
+        )
+
+
+def _attach_native(model, connector: ConnectorConfig) -> ConnectorConfig:
+    h = model.config.hyper
+    native = native_connector_config(h.n, h.iters, h.eps, h.norm_eps, trainable=connector.trainable)
+    _retype_native(model, native)
+    return native
 
 
 def has_connector(model) -> bool:
@@ -265,7 +332,9 @@ def attach(model, *, lora: LoRAConfig | None = None, connector: ConnectorConfig 
     if connector is not None and (has_connector(model) or getattr(model, "connector_config", None) is not None):
         raise AdapterError("the model already has a connector attached; call tx.detach(model) first")
     cfg = model.config
-    if connector is not None and not connector.plain:  # before anything changes the model
+    if connector is not None and cfg.hyper is not None:  # before anything changes the model
+        _check_native(model, connector)
+    elif connector is not None and not connector.plain:  # before anything changes the model
         _connector_layers(connector, cfg.num_layers)
         if cfg.hidden_size % connector.fracs:
             divisors = [k for k in range(2, min(cfg.hidden_size, 16) + 1) if cfg.hidden_size % k == 0]
@@ -289,7 +358,9 @@ def attach(model, *, lora: LoRAConfig | None = None, connector: ConnectorConfig 
                 wrapped = LoRALinear(base, mask=masks[site.tx_path], dropout=lora.dropout, **common)
             set_module_at(model, site.tx_path, wrapped)
         model.lora_config = lora
-    if connector is not None:
+    if connector is not None and cfg.hyper is not None:
+        model.connector_config = _attach_native(model, connector)
+    elif connector is not None:
         if not connector.plain:
             from tx.models.decoder import blocks
 
@@ -335,8 +406,12 @@ def detach(model):
 
     for site, module in lora_modules(model):
         set_module_at(model, site.tx_path, module.base)
-    for name, block, _, _ in connector_sites(model):
-        setattr(block, name, Residual())
+    for name, block, conn, _ in connector_sites(model):
+        if not conn.config.native:
+            setattr(block, name, Residual())
+    if model.config.hyper is not None:  # native hyper-connections stay, frozen again
+        h = model.config.hyper
+        _retype_native(model, native_connector_config(h.n, h.iters, h.eps, h.norm_eps))
     if isinstance(getattr(model, "streams", None), StreamEdges):
         model.streams = Streams()
     model.lora_config = None
@@ -361,6 +436,8 @@ def merge_lora(model):
 
 def _adapter_modules(model):
     for _, module in nnx.iter_modules(model):
+        if isinstance(module, Connector) and module.config.native:
+            continue  # a checkpoint's own hyper-connections are part of the base model
         if isinstance(module, LoRALinear | LoRAExperts | Connector | StreamEdges):
             yield module
 

@@ -102,6 +102,9 @@ class ConnectorConfig:
             that are mixed as ``n * m`` sub-streams; 1 = whole streams. Kinds "static" and "dynamic" only.
         layers: global layer ids that get a connector (None = every layer); the other layers carry the ``n``
             streams through unchanged (``x'[j] = x[j] + f(mean_i x[i])``) without computing coefficients.
+        native: the checkpoint's own hyper-connections (DeepSeek-V4), part of the base model: the gate fully open
+            (``H_res`` is the Sinkhorn matrix, no ``res_gate``), ``H_pre = sigmoid(z) + eps`` with ``eps`` as given,
+            and the model's learned reduce (:class:`HyperHead`). Made by :func:`native_connector_config`.
     """
 
     expansion_rate: int = 4
@@ -113,6 +116,7 @@ class ConnectorConfig:
     norm_eps: float = 1e-6
     fracs: int = 1
     layers: tuple[int, ...] | None = None
+    native: bool = False
 
     def __post_init__(self):
         if isinstance(self.expansion_rate, bool) or not isinstance(self.expansion_rate, int) or self.expansion_rate < 1:
@@ -123,7 +127,7 @@ class ConnectorConfig:
             raise ConfigError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {self.kind!r}")
         if isinstance(self.sinkhorn_iters, bool) or not isinstance(self.sinkhorn_iters, int) or self.sinkhorn_iters < 1:
             raise ConfigError(f"sinkhorn_iters must be an integer >= 1, got {self.sinkhorn_iters!r}")
-        for name in ("trainable", "sinkhorn_balance"):
+        for name in ("trainable", "sinkhorn_balance", "native"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("eps", "norm_eps"):  # > 0: they keep Sinkhorn and the norms finite on all-zero input
@@ -541,7 +545,7 @@ class Connector(nnx.Module):
             "mhc_lite": ((layers, n * c, p), n * c),
         }[kind]
         self.proj = param(jax.random.normal(key, shape, _F32) / math.sqrt(fan_in))  # d ~ N(0, 1) per entry
-        if kind in ("mhc", "mhc_lite"):
+        if kind in ("mhc", "mhc_lite") and not config.native:
             self.res_gate = param(jnp.zeros((layers,), _F32))
         if layer_mask is not None:
             mask = np.asarray(layer_mask, np.float32).reshape(layers)
@@ -602,17 +606,19 @@ class Connector(nnx.Module):
         if kind not in ("mhc", "mhc_lite"):
             return z_pre, z_post, z_res
         eps = self.config.eps
-        h_pre = jax.nn.sigmoid(z_pre) + pre_eps(self.n, eps)  # = eps to within an ulp of 1/n
         h_post = 2.0 * jax.nn.sigmoid(z_post)
+        sk = jax.checkpoint(
+            functools.partial(sinkhorn, iters=self.config.sinkhorn_iters, eps=eps, balance=self.config.sinkhorn_balance)
+        )
+        if self.config.native:  # the pretrained hyper-connection exactly: its eps, the gate fully open
+            return jax.nn.sigmoid(z_pre) + eps, h_post, sk(z_res)
+        h_pre = jax.nn.sigmoid(z_pre) + pre_eps(self.n, eps)  # = eps to within an ulp of 1/n
         g = reflect_gate(self.res_gate[...])
         if kind == "mhc_lite":
             h_res = (1.0 - g) * jnp.eye(self.n, dtype=_F32) + g * birkhoff(z_res, self.n)
             return h_pre, h_post, h_res
-        # recomputed in the backward pass: the iterations are cheap, while storing them would add
+        # sk is recomputed in the backward pass: the iterations are cheap, while storing them would add
         # 6 x (iters - 1) small arrays per site to what the layer scan keeps for the backward pass
-        sk = jax.checkpoint(
-            functools.partial(sinkhorn, iters=self.config.sinkhorn_iters, eps=eps, balance=self.config.sinkhorn_balance)
-        )
         h_res = (1.0 - g) * jnp.eye(self.n, dtype=_F32) + g * sk(z_res)
         return h_pre, h_post, h_res
 
@@ -695,6 +701,48 @@ class StreamEdges(nnx.Module):
         # fp32 mean of three equal streams rounds (3 x is inexact, then / 3)
         x0 = x[..., :1, :].astype(_F32)
         return (x0[..., 0, :] + jnp.mean(x.astype(_F32) - x0, axis=-2)).astype(x.dtype)
+
+
+def native_connector_config(
+    n: int, iters: int, eps: float, norm_eps: float, trainable: bool = False
+) -> ConnectorConfig:
+    """The "mhc" connector that computes a checkpoint's own hyper-connections (DeepSeek-V4's ``hc_mult``,
+    ``hc_sinkhorn_iters``, ``hc_eps``, ``rms_norm_eps``): Sinkhorn without the balancing step, the gate open."""
+    return ConnectorConfig(
+        expansion_rate=n,
+        kind="mhc",
+        trainable=trainable,
+        sinkhorn_iters=iters,
+        sinkhorn_balance=False,
+        eps=eps,
+        norm_eps=norm_eps,
+        native=True,
+    )
+
+
+class HyperHead(nnx.Module):
+    """Model edges of a checkpoint with native hyper-connections (DeepSeek-V4's ``hc_head``): expand copies the
+    embedding output into the n streams; reduce is learned, ``sum_i H[i] x[i]`` with
+    ``H = sigmoid(rmsnorm(flatten(x)) @ proj * scale + base) + eps`` (``proj [n*C, n]``, ``base [n]``, ``scale [1]``).
+    Part of the base model: ``enabled`` stays True under :func:`~tx.adapters.attach.adapters_disabled`."""
+
+    def __init__(self, config: ConnectorConfig, hidden_size: int):
+        n = config.expansion_rate
+        param = ConnectorParam if config.trainable else FrozenConnectorParam
+        self.config = config
+        self.n = n
+        self.enabled = True
+        self.proj = param(jnp.zeros((n * hidden_size, n), _F32))
+        self.base = param(jnp.zeros((n,), _F32))
+        self.scale = param(jnp.ones((1,), _F32))
+
+    def expand(self, h: jax.Array) -> jax.Array:
+        return jnp.broadcast_to(h[..., None, :], (*h.shape[:-1], self.n, h.shape[-1]))
+
+    def reduce(self, x: jax.Array) -> jax.Array:
+        d = _project(x, self.proj[...]) * _rms_scale(x, self.config.norm_eps, axes=(-2, -1))[..., None]
+        weights = jax.nn.sigmoid(d * self.scale[...][0] + self.base[...]) + self.config.eps
+        return collapse(x, weights)
 
 
 # ------------------------------------------------------------------------------------ layers and reference weights

@@ -34,7 +34,7 @@ from tx.adapters.attach import (
     linear_sites,
     lora_modules,
 )
-from tx.adapters.connector import ConnectorConfig, ConnectorParam, FrozenConnectorParam
+from tx.adapters.connector import ConnectorConfig, ConnectorParam, FrozenConnectorParam, HyperHead
 from tx.adapters.lora import ALL_LINEAR, LoRAConfig
 from tx.adapters.lora_experts import a_from_peft, b_from_peft, to_peft
 from tx.errors import AdapterError, ConfigError
@@ -466,6 +466,11 @@ def _connector_tensors(model, gather: bool) -> dict[str, tuple[np.ndarray | tupl
             else:
                 value = (num_layers, *var.shape[1:])
             out[key] = (value, parts)
+    head = getattr(model, "streams", None)
+    if connector_sites(model) and isinstance(head, HyperHead):  # native hyper-connections: the learned reduce too
+        for var_path, var in nnx.to_flat_state(nnx.state(head, nnx.Any(ConnectorParam, FrozenConnectorParam))):
+            key = ".".join(["head", *map(str, var_path)])
+            out[key] = (host_array(var[...]) if gather else tuple(var.shape), [(var, None)])
     return out
 
 
@@ -495,7 +500,7 @@ def _load_connector(model, folder: Path, file: SafetensorsFile) -> None:
     for key, (_, parts) in slots.items():
         value = file.get(key)
         for var, layer_ids in parts:
-            _assign(var, value[list(layer_ids)])
+            _assign(var, value if layer_ids is None else value[list(layer_ids)])
 
 
 def load_adapter(model, path):

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tx.models.compressed import CompressedAttention
 from tx.models.config import BlockSpec, ModelConfig
 from tx.models.layers import MLP, Attention, AttentionContext, norm
 from tx.models.mla import MLAttention
@@ -50,17 +51,31 @@ class Block(nnx.Module):
         pre = cfg.norm_placement in ("pre", "sandwich")
         post = cfg.norm_placement in ("sandwich", "post")
         self.attn_norm = norm(cfg, c, **kw) if pre else None
-        self.attn = MLAttention(cfg, **kw) if cfg.mla is not None else Attention(cfg, **kw)
+        if cfg.compressed is not None:
+            self.attn = CompressedAttention(cfg, spec, **kw)
+        elif cfg.mla is not None:
+            self.attn = MLAttention(cfg, **kw)
+        else:
+            self.attn = Attention(cfg, **kw)
         self.attn_post_norm = norm(cfg, c, **kw) if post else None
         self.mlp_norm = norm(cfg, c, **kw) if pre else None
         if spec.mlp == "moe":
-            self.mlp = MoE(cfg, **kw)
+            self.mlp = MoE(cfg, spec, **kw)
         else:
             self.mlp = MLP(cfg, **kw)
         self.mlp_post_norm = norm(cfg, c, **kw) if post else None
         self.residual_multiplier = cfg.residual_multiplier if cfg.residual_multiplier not in (None, 1.0) else None
-        self.attn_residual = Residual()
-        self.mlp_residual = Residual()
+        if cfg.hyper is None:
+            self.attn_residual = Residual()
+            self.mlp_residual = Residual()
+        else:  # the checkpoint's own hyper-connections (DeepSeek-V4), run as tx's mhc connector
+            from tx.adapters.connector import Connector, native_connector_config
+
+            h = cfg.hyper
+            native = native_connector_config(h.n, h.iters, h.eps, h.norm_eps)
+            layers = stack[0] if stack else 1
+            self.attn_residual = Connector(native, c, layers, rngs=rngs)
+            self.mlp_residual = Connector(native, c, layers, rngs=rngs)
 
     def _branch(self, pre, f, post, h):
         if pre is not None:
@@ -85,7 +100,7 @@ class Block(nnx.Module):
         def mlp(h):
             if not isinstance(self.mlp, MoE):
                 return self.mlp(h)
-            out, sums = self.mlp(h, ctx.tokens)
+            out, sums = self.mlp(h, ctx.tokens, ctx.input_ids)
             router.append(sums)
             return out
 

@@ -70,6 +70,38 @@ class MLAConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CompressedAttentionConfig:
+    """DeepSeek-V4's attention (:mod:`tx.models.compressed`): a low-rank query (``q_lora_rank``), one key/value
+    head of ``head_dim`` shared as key and value, interleaved rope on its trailing ``rope_dim`` channels, a grouped
+    low-rank output projection (``o_groups`` groups, ``o_lora_rank`` each), a per-head sink and a sliding window on
+    every layer; CSA layers add entries compressed every ``csa_rate`` tokens (overlapping windows) chosen per query by
+    the Lightning indexer (``index_heads`` x ``index_head_dim``, top ``index_topk``), HCA layers entries compressed
+    every ``hca_rate`` tokens, all of them visible."""
+
+    head_dim: int
+    rope_dim: int
+    q_lora_rank: int
+    o_groups: int
+    o_lora_rank: int
+    csa_rate: int
+    hca_rate: int
+    index_heads: int
+    index_head_dim: int
+    index_topk: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HyperConfig:
+    """Hyper-connections a checkpoint's blocks carry (DeepSeek-V4's mHC): ``n`` streams, Sinkhorn with ``iters``
+    iterations and ``eps``, the streams' RMS norm with ``norm_eps``. tx runs them as its "mhc" connector."""
+
+    n: int
+    iters: int
+    eps: float
+    norm_eps: float
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSpec:
     """What one decoder layer is made of. Hashable: layers with equal specs share one compiled layer.
@@ -82,6 +114,8 @@ class BlockSpec:
     mlp: str = "dense"
     window: int | None = None
     rope: str | None = "default"
+    attn: str | None = None  # DeepSeek-V4's attention kind: "sliding", "csa" or "hca" (None: the family's one kind)
+    router: str | None = None  # "hash": DeepSeek-V4's hash routing (tid2eid of the token ids); None: learned top-k
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -132,6 +166,8 @@ class ModelConfig:
     sliding_window: int | None = None
     moe: MoEConfig | None = None
     mla: MLAConfig | None = None
+    compressed: CompressedAttentionConfig | None = None
+    hyper: HyperConfig | None = None
     layer_specs: tuple[BlockSpec, ...] = ()
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -260,7 +296,8 @@ def parse_config(data: dict[str, Any], path: str = "config.json") -> ModelConfig
     moe = family.moe(data, path) if family.moe else None
     specs = family.layer_specs(data, num_layers, int(window) if window else None, path)
     ropes = parse_ropes(data, family, head_dim, path)
-    if "default" not in ropes:  # per layer type: each layer's rope is its type's
+    if "default" not in ropes and any(s.rope is not None and s.rope not in ropes for s in specs):
+        # per layer type: each layer's rope is its type's
         types = family_layer_types(family, data, num_layers, path)
         missing = sorted({t for t in types if t not in ropes})
         if missing:
@@ -276,7 +313,8 @@ def parse_config(data: dict[str, Any], path: str = "config.json") -> ModelConfig
         architecture=(data.get("architectures") or [family.architectures[0]])[0],
         vocab_size=_get(data, "vocab_size", int, path),
         hidden_size=hidden,
-        intermediate_size=_get(data, "intermediate_size", int, path),
+        intermediate_size=_get(data, "intermediate_size", int, path, None)
+        or _get(data, "moe_intermediate_size", int, path),
         num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=kv_heads,

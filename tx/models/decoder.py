@@ -124,7 +124,13 @@ class CausalLM(nnx.Module):
         self.segments = nnx.List(
             [Segment(cfg, plan, dtype=dtype, rngs=rngs) for plan in plan_segments(cfg.layer_specs)]
         )
-        self.streams = Streams()
+        if cfg.hyper is None:
+            self.streams = Streams()
+        else:  # DeepSeek-V4's hc_head: the learned reduce of its native hyper-connections
+            from tx.adapters.connector import HyperHead, native_connector_config
+
+            h = cfg.hyper
+            self.streams = HyperHead(native_connector_config(h.n, h.iters, h.eps, h.norm_eps), cfg.hidden_size)
         self.norm = norm(cfg, cfg.hidden_size, dtype=dtype, rngs=rngs)
         if cfg.tie_word_embeddings:
             self.lm_head = None
@@ -207,13 +213,32 @@ class CausalLM(nnx.Module):
                 window_key(w): attention_mask_matrix(idx, idx, attention_mask, segment_ids, segment_ids, w)
                 for w in windows
             }
-            ctx = AttentionContext(cos, sin, None, masks=masks, ropes=ropes, tokens=attention_mask)
+            ctx = AttentionContext(
+                cos,
+                sin,
+                None,
+                masks=masks,
+                ropes=ropes,
+                tokens=attention_mask,
+                positions=positions,
+                input_ids=input_ids,
+            )
         else:
             t = cache.valid.shape[1]
             q_idx = cache.index + jnp.arange(s)
             valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, cache.index))
             masks = {window_key(w): attention_mask_matrix(q_idx, jnp.arange(t), valid, window=w) for w in windows}
-            ctx = AttentionContext(cos, sin, None, cache.index, masks=masks, ropes=ropes, tokens=attention_mask)
+            ctx = AttentionContext(
+                cos,
+                sin,
+                None,
+                cache.index,
+                masks=masks,
+                ropes=ropes,
+                tokens=attention_mask,
+                positions=positions,
+                input_ids=input_ids,
+            )
 
         x = self.streams.expand(self.embed_tokens(input_ids))
         new_layers, router = [], None

@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable
 
 from tx.errors import CheckpointError, ConfigError
-from tx.models.config import BlockSpec, MLAConfig, MoEConfig
+from tx.models.config import BlockSpec, CompressedAttentionConfig, HyperConfig, MLAConfig, MoEConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +216,148 @@ def _mlp_layer_types(data: dict, num_layers: int, window: int | None, path: str)
     return tuple(BlockSpec(mlp="moe" if t == "sparse" else "dense") for t in types)
 
 
+V4_ATTENTION = {  # DeepSeek-V4's layer_types -> tx's attention kind (BlockSpec.attn)
+    "sliding_attention": "sliding",
+    "compressed_sparse_attention": "csa",
+    "heavily_compressed_attention": "hca",
+}
+V4_COMPRESS_RATIOS = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
+V4_ROUTERS = ("hash_moe", "moe")
+
+
+def _v4_types(data: dict, num_layers: int, path: str) -> tuple[list, list]:
+    """``layer_types`` and ``mlp_layer_types`` with transformers' defaults and legacy keys (``compress_ratios``,
+    ``num_hash_layers``)."""
+    types = data.get("layer_types")
+    if types is None and isinstance(data.get("compress_ratios"), list):
+        types = [V4_COMPRESS_RATIOS.get(r, r) for r in data["compress_ratios"]]
+    if types is None:
+        rest = ["compressed_sparse_attention" if i % 2 else "heavily_compressed_attention" for i in range(num_layers)]
+        types = (["heavily_compressed_attention"] * 2 + rest)[:num_layers]
+    mlp = data.get("mlp_layer_types")
+    if mlp is None:
+        n_hash = data.get("num_hash_layers", 3)
+        mlp = ["hash_moe" if i < n_hash else "moe" for i in range(num_layers)]
+    for key, value, allowed in (("layer_types", types, tuple(V4_ATTENTION)), ("mlp_layer_types", mlp, V4_ROUTERS)):
+        if not isinstance(value, list) or len(value) != num_layers or any(t not in allowed for t in value):
+            raise CheckpointError(
+                f"{path}: {key!r} must list one of {allowed} for each of the {num_layers} layers, found {value!r}"
+            )
+    return types, mlp
+
+
+def _v4_layers(data: dict, num_layers: int, window: int | None, path: str) -> tuple[BlockSpec, ...]:
+    """Every layer MoE with a sliding window; its attention kind and rope ("main" for sliding-only layers,
+    "compress" for CSA / HCA) from ``layer_types``, hash or learned routing from ``mlp_layer_types``."""
+    types, mlp = _v4_types(data, num_layers, path)
+    size = _positive(data, "sliding_window", path)
+    return tuple(
+        BlockSpec(
+            mlp="moe",
+            window=size,
+            rope="main" if t == "sliding_attention" else "compress",
+            attn=V4_ATTENTION[t],
+            router="hash" if m == "hash_moe" else None,
+        )
+        for t, m in zip(types, mlp)
+    )
+
+
+def _v4_ropes(data: dict) -> dict:
+    """DeepSeek-V4's two ropes: "main" (``rope_theta``, no scaling: sliding-only layers) and "compress"
+    (``compress_rope_theta`` with the config's scaling, yarn's attention factor 1); as transformers nests them."""
+    params = data.get("rope_parameters") or {}
+    if isinstance(params.get("main"), dict) and isinstance(params.get("compress"), dict):
+        return {"main": params["main"], "compress": params["compress"]}
+    scaling = {k: v for k, v in {**(data.get("rope_scaling") or {}), **params}.items() if k not in ("main", "compress")}
+    partial = data.get("partial_rotary_factor")
+    if partial is None and data.get("qk_rope_head_dim") and data.get("head_dim"):
+        partial = data["qk_rope_head_dim"] / data["head_dim"]
+    partial = 64 / 512 if partial is None else partial
+    main = {"rope_type": "default", "rope_theta": data.get("rope_theta", 10000.0), "partial_rotary_factor": partial}
+    compress = {**scaling, "rope_theta": data.get("compress_rope_theta", 160000.0), "partial_rotary_factor": partial}
+    compress.setdefault("rope_type", compress.pop("type", "default"))
+    if compress["rope_type"] == "yarn":
+        compress.setdefault("attention_factor", 1.0)
+    return {"main": main, "compress": compress}
+
+
+# DeepSeek-V4 routing tx runs: scoring_func values
+V4_SCORING = ("sqrtsoftplus", "sigmoid", "softmax")
+
+
+def _moe_v4(data: dict, path: str) -> MoEConfig:
+    """DeepSeek-V4's MoE: scores ``scoring_func`` of the fp32 logits (sqrt(softplus) on the hub), top-k of the
+    scores plus ``e_score_correction_bias`` (or ``tid2eid[token]`` on hash layers), the chosen scores renormalised
+    and times ``routed_scaling_factor``; clamped SiLU experts and one shared expert of the same width."""
+    scoring = data.get("scoring_func", "sqrtsoftplus")
+    if scoring not in V4_SCORING:
+        raise ConfigError(
+            f"{path}: scoring_func {scoring!r} is not supported for deepseek_v4; supported: "
+            + ", ".join(map(repr, V4_SCORING))
+        )
+    width = _positive(data, "moe_intermediate_size", path)
+    moe = MoEConfig(
+        num_experts=_positive(data, "n_routed_experts", path),
+        top_k=_positive(data, "num_experts_per_tok", path),
+        expert_size=width,
+        router="v4",
+        norm_topk_prob=True,
+        activation="clamped_silu",
+        swiglu_limit=float(_number(data, "swiglu_limit", path, 10.0)),
+        shared_expert_size=width,  # one shared expert whatever n_shared_experts says (transformers builds one)
+        scoring=scoring,
+        correction_bias=True,
+        routed_scaling_factor=float(_number(data, "routed_scaling_factor", path, 1.5)),
+        router_aux_loss_coef=float(data.get("router_aux_loss_coef") or 0.0),
+    )
+    return _checked(moe, data, path)
+
+
+def _v4_options(data: dict, path: str, hidden: int) -> dict:
+    head_dim = _positive(data, "head_dim", path)
+    rope = _v4_ropes(data)["main"]
+    rope_dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
+    heads, groups = _positive(data, "num_attention_heads", path), _positive(data, "o_groups", path)
+    if heads % groups:
+        raise CheckpointError(f"{path}: 'o_groups' ({groups}) must divide 'num_attention_heads' ({heads})")
+    if data.get("num_key_value_heads", 1) != 1:
+        raise CheckpointError(
+            f"{path}: DeepSeek-V4 has one key/value head, found 'num_key_value_heads' {data['num_key_value_heads']!r}"
+        )
+    rates = dict(data.get("compress_rates") or {})
+    rates.setdefault("compressed_sparse_attention", data.get("compress_rate_csa", 4))
+    rates.setdefault("heavily_compressed_attention", data.get("compress_rate_hca", 128))
+    for key in ("compressed_sparse_attention", "heavily_compressed_attention"):
+        if isinstance(rates[key], bool) or not isinstance(rates[key], int) or rates[key] < 1:
+            raise CheckpointError(f"{path}: compress_rates[{key!r}] must be a positive integer, found {rates[key]!r}")
+    index_dim = _positive(data, "index_head_dim", path)
+    if index_dim < rope_dim:
+        raise CheckpointError(
+            f"{path}: 'index_head_dim' ({index_dim}) must be at least the rope width ({rope_dim}): the indexer's "
+            "queries are rotated on their trailing rope channels"
+        )
+    compressed = CompressedAttentionConfig(
+        head_dim=head_dim,
+        rope_dim=rope_dim,
+        q_lora_rank=_positive(data, "q_lora_rank", path),
+        o_groups=groups,
+        o_lora_rank=_positive(data, "o_lora_rank", path),
+        csa_rate=rates["compressed_sparse_attention"],
+        hca_rate=rates["heavily_compressed_attention"],
+        index_heads=_positive(data, "index_n_heads", path),
+        index_head_dim=index_dim,
+        index_topk=_positive(data, "index_topk", path),
+    )
+    hyper = HyperConfig(
+        n=_positive(data, "hc_mult", path),
+        iters=_positive(data, "hc_sinkhorn_iters", path),
+        eps=float(_number(data, "hc_eps", path, 1e-6)),
+        norm_eps=float(_number(data, "rms_norm_eps", path, 1e-6)),
+    )
+    return {"compressed": compressed, "hyper": hyper, "attn_sinks": True}
+
+
 def _checked(moe: MoEConfig, data: dict, path: str) -> MoEConfig:
     """Options tx cannot run name their key and value."""
     if moe.top_k > moe.num_experts:
@@ -399,6 +541,12 @@ class Family:
     # HF module paths that differ from LINEAR_MODULES' (site name -> path inside model.layers.{i})
     hf_modules: dict[str, str] = dataclasses.field(default_factory=dict)
     mla: Callable[[dict, str], MLAConfig] | None = None  # multi-head latent attention (ATTENTION_MAPS["mla"])
+    # the family's own block weight map (BlockSpec -> {HF key below layers.{i}.: WeightSpec}); None: the shared maps
+    block_weights: Callable[[BlockSpec], dict[str, WeightSpec]] | None = None
+    # a key of GLOBAL_LAYOUTS: its global tensors per on-disk layout; None: GLOBAL_WEIGHTS under the config's prefixes
+    global_weights: str | None = None
+    # LINEAR_MODULES sites that transformers does not hold as nn.Linear (PEFT cannot adapt them): not LoRA targets
+    not_linear: tuple[str, ...] = ()
 
 
 DEEPSEEK_SHARED_EXPERTS = {  # DeepSeek names its (ungated) shared experts mlp.shared_experts
@@ -481,6 +629,20 @@ FAMILIES: tuple[Family, ...] = (
             ("deepseek_v2", "DeepseekV2ForCausalLM"),
             ("glm4_moe_lite", "Glm4MoeLiteForCausalLM"),
         )
+    ),
+    Family(
+        "deepseek_v4",
+        ("DeepseekV4ForCausalLM",),
+        ("deepseek_v4",),
+        sliding_window_key=lambda cfg: True,
+        moe=_moe_v4,
+        layer_specs=_v4_layers,
+        options=_v4_options,
+        rope_parameters=_v4_ropes,
+        hf_modules=DEEPSEEK_SHARED_EXPERTS,
+        block_weights=lambda spec: v4_block_weights(spec),
+        global_weights="deepseek_v4",
+        not_linear=("gate",),  # DeepseekV4TopKRouter / HashRouter hold a weight but are not nn.Linear
     ),
     Family(
         "gemma2",
@@ -721,8 +883,97 @@ GLOBAL_WEIGHTS: dict[str, str] = {
 }
 
 
+# DeepSeek-V4 as transformers' save_pretrained writes it (the upstream names; keys below layers.{i}.)
+V4_ATTENTION_WEIGHTS: dict[str, WeightSpec] = {
+    "attn_norm.weight": WeightSpec("attn_norm.scale"),
+    "ffn_norm.weight": WeightSpec("mlp_norm.scale"),
+    "attn.attn_sink": WeightSpec("attn.sinks"),
+    "attn.wq_a.weight": WeightSpec("attn.q_a_proj.weight"),
+    "attn.q_norm.weight": WeightSpec("attn.q_a_norm.scale"),
+    "attn.wq_b.weight": WeightSpec("attn.q_b_proj.weight"),
+    "attn.wkv.weight": WeightSpec("attn.kv_proj.weight"),
+    "attn.norm.weight": WeightSpec("attn.kv_norm.scale"),
+    "attn.wo_a.weight": WeightSpec("attn.o_a_proj.weight"),
+    "attn.wo_b.weight": WeightSpec("attn.o_b_proj.weight"),
+    **{
+        f"hc_{site}_{name}": WeightSpec(f"{res}_residual.{tx}", transpose=name == "fn")
+        for site, res in (("attn", "attn"), ("ffn", "mlp"))
+        for name, tx in (("fn", "proj"), ("base", "base"), ("scale", "scale"))
+    },
+}
+
+
+def _v4_compressor_weights(disk: str, tx: str) -> dict[str, WeightSpec]:
+    return {
+        f"{disk}.wkv.weight": WeightSpec(f"{tx}.kv_proj.weight"),
+        f"{disk}.wgate.weight": WeightSpec(f"{tx}.gate_proj.weight"),
+        f"{disk}.ape": WeightSpec(f"{tx}.position_bias"),
+        f"{disk}.norm.weight": WeightSpec(f"{tx}.kv_norm.scale"),
+    }
+
+
+V4_MOE_WEIGHTS: dict[str, WeightSpec] = {
+    "ffn.gate.weight": WeightSpec("mlp.router.weight"),
+    "ffn.experts.{j}.w1.weight": WeightSpec("mlp.experts.gate_up_proj.weight", (0, 2)),
+    "ffn.experts.{j}.w3.weight": WeightSpec("mlp.experts.gate_up_proj.weight", (1, 2)),
+    "ffn.experts.{j}.w2.weight": WeightSpec("mlp.experts.down_proj.weight"),
+    "ffn.shared_experts.w1.weight": WeightSpec("mlp.shared_expert.gate_proj.weight"),
+    "ffn.shared_experts.w3.weight": WeightSpec("mlp.shared_expert.up_proj.weight"),
+    "ffn.shared_experts.w2.weight": WeightSpec("mlp.shared_expert.down_proj.weight"),
+}
+
+
+def v4_block_weights(spec: BlockSpec) -> dict[str, WeightSpec]:
+    """One DeepSeek-V4 block's weights: its attention kind's compressor and indexer, its router's table or bias."""
+    out = {**V4_ATTENTION_WEIGHTS, **V4_MOE_WEIGHTS}
+    if spec.attn in ("csa", "hca"):
+        out.update(_v4_compressor_weights("attn.compressor", "attn.compressor"))
+    if spec.attn == "csa":
+        out.update(_v4_compressor_weights("attn.indexer.compressor", "attn.compressor.indexer"))
+        out["attn.indexer.wq_b.weight"] = WeightSpec("attn.compressor.indexer.q_b_proj.weight")
+        out["attn.indexer.weights_proj.weight"] = WeightSpec("attn.compressor.indexer.scorer.weights_proj.weight")
+    if spec.router == "hash":
+        out["ffn.gate.tid2eid"] = WeightSpec("mlp.tid2eid")
+    else:
+        out["ffn.gate.bias"] = WeightSpec("mlp.score_correction_bias")
+    return out
+
+
+# its global tensors: transformers' save_pretrained keeps "model." on the decoder's keys; the hub's upstream files
+# have none and name the embeddings, the head's hyper-connection and the LM head the upstream way
+# ((layer key prefix, {HF key: tx path}), ...): the first layout whose first key is in the files is used
+GLOBAL_LAYOUTS: dict[str, tuple[tuple[str, dict[str, str]], ...]] = {}
+GLOBAL_LAYOUTS["deepseek_v4"] = (
+    (
+        "model.",
+        {
+            "model.embed_tokens.weight": "embed.embedding",
+            "model.norm.weight": "norm.scale",
+            "head.weight": "lm_head.weight",
+            "model.hc_head.hc_fn": "streams.proj",
+            "model.hc_head.hc_base": "streams.base",
+            "model.hc_head.hc_scale": "streams.scale",
+        },
+    ),
+    (
+        "",
+        {
+            "embed.weight": "embed.embedding",
+            "norm.weight": "norm.scale",
+            "head.weight": "lm_head.weight",
+            "hc_head_fn": "streams.proj",
+            "hc_head_base": "streams.base",
+            "hc_head_scale": "streams.scale",
+        },
+    ),
+)
+TRANSPOSED_GLOBALS = ("streams.proj",)  # stored [n, n * C] (hc_fn), held [n * C, n]
+
+
 def block_weights(family: Family, spec: BlockSpec) -> dict[str, WeightSpec]:
     """The weight map of one block: attention part + its MLP part."""
+    if family.block_weights is not None:
+        return family.block_weights(spec)
     mlp = MOE_WEIGHTS[family.moe_weights] if spec.mlp == "moe" else DENSE_MLP_WEIGHTS
     attention = MLA_WEIGHTS if family.mla else ATTENTION_WEIGHTS
     attention = {k: v for k, v in attention.items() if "input_layernorm" not in k and "post_attention" not in k}
@@ -741,6 +992,20 @@ LINEAR_MODULES: dict[str, tuple[str, str]] = {
     "kv_a_proj_with_mqa": ("self_attn.kv_a_proj_with_mqa", "attn.kv_a_proj_with_mqa"),
     "kv_b_proj": ("self_attn.kv_b_proj", "attn.kv_b_proj"),
     "o_proj": ("self_attn.o_proj", "attn.o_proj"),
+    "kv_proj": ("self_attn.kv_proj", "attn.kv_proj"),  # DeepSeek-V4: its one key/value head
+    "o_b_proj": ("self_attn.o_b_proj", "attn.o_b_proj"),
+    **{
+        f"{owner}.{name}": (f"self_attn.{path}.{name}", f"attn.{path}.{name}")
+        for owner, path, names in (
+            ("compressor", "compressor", ("kv_proj", "gate_proj")),
+            ("indexer", "compressor.indexer", ("kv_proj", "gate_proj", "q_b_proj")),
+        )
+        for name in names
+    },
+    "indexer.weights_proj": (
+        "self_attn.compressor.indexer.scorer.weights_proj",
+        "attn.compressor.indexer.scorer.weights_proj",
+    ),
     "gate_proj": ("mlp.gate_proj", "mlp.gate_proj"),
     "up_proj": ("mlp.up_proj", "mlp.up_proj"),
     "gate_up_proj": ("mlp.gate_up_proj", "mlp.gate_up_proj"),

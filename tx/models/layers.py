@@ -123,6 +123,8 @@ class AttentionContext(NamedTuple):
     masks: dict | None = None
     ropes: dict | None = None  # rope key -> (cos, sin), one per rope the model's layers use
     tokens: jax.Array | None = None  # [B, S] bool: the real (non-padding) tokens; what router statistics count
+    positions: jax.Array | None = None  # [B, S] int: the queries' positions (DeepSeek-V4's compressed entries)
+    input_ids: jax.Array | None = None  # [B, S] int: the token ids (DeepSeek-V4's hash routing)
 
     def for_window(self, window: int | None) -> AttentionContext:
         return self._replace(mask=self.masks[window_key(window)]) if self.masks else self
@@ -336,11 +338,14 @@ class MLP(nnx.Module):
     """Gated MLP: down(act(gate(x)) * up(x)); ``width`` defaults to the config's intermediate size. With
     ``fused_gate_up`` one ``gate_up_proj`` [2I, C] holds gate then up (Phi-3)."""
 
-    def __init__(self, cfg: ModelConfig, *, width: int | None = None, stack=(), dtype, rngs):
+    def __init__(
+        self, cfg: ModelConfig, *, width: int | None = None, limit: float | None = None, stack=(), dtype, rngs
+    ):
         c, i, bias = cfg.hidden_size, width or cfg.intermediate_size, cfg.mlp_bias
         lin = dict(stack=stack, dtype=dtype, rngs=rngs)
         self.act = cfg.hidden_act
         self.width = i
+        self.limit = limit  # DeepSeek-V4: gate clamped to <= limit and up to [-limit, limit] before the activation
         if cfg.fused_gate_up and width is None:
             self.gate_up_proj = Linear(c, 2 * i, bias=bias, axes=("fsdp", "tp"), **lin)
         else:
@@ -354,4 +359,6 @@ class MLP(nnx.Module):
             gate, up = h[..., : self.width], h[..., self.width :]
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.limit is not None:
+            gate, up = jnp.minimum(gate, self.limit), jnp.clip(up, -self.limit, self.limit)
         return self.down_proj(gated(self.act)(gate, up))

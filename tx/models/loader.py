@@ -23,7 +23,14 @@ from tx.errors import CheckpointError
 from tx.models import fp8
 from tx.models.config import ModelConfig, load_config
 from tx.models.decoder import CausalLM
-from tx.models.families import GLOBAL_WEIGHTS, block_weights, family_named, text_wrapper
+from tx.models.families import (
+    GLOBAL_LAYOUTS,
+    GLOBAL_WEIGHTS,
+    TRANSPOSED_GLOBALS,
+    block_weights,
+    family_named,
+    text_wrapper,
+)
 from tx.models.mxfp4 import dequantize
 from tx.models.segments import plan_segments
 from tx.safetensors_io import open_checkpoint
@@ -58,9 +65,9 @@ def weight_plan(cfg: ModelConfig, state: nnx.State) -> dict[str, list[Fill]]:
     flat = {".".join(str(p) for p in path): var for path, var in nnx.to_flat_state(state)}
     family = family_named(cfg.family)
     plan: dict[str, list[Fill]] = {}
-    for hf, tx_path in GLOBAL_WEIGHTS.items():
+    for hf, tx_path in global_weights(cfg).items():
         if tx_path in flat:
-            plan[tx_path] = [Fill(global_key(cfg, hf), ())]
+            plan[tx_path] = [Fill(global_key(cfg, hf), (), tx_path in TRANSPOSED_GLOBALS)]
     for prefix, block, layer_ids in block_layout(cfg):
         for suffix, spec in block_weights(family, block).items():
             tx_path = ".".join(map(str, prefix)) + "." + spec.tx_path
@@ -78,8 +85,19 @@ def weight_plan(cfg: ModelConfig, state: nnx.State) -> dict[str, list[Fill]]:
     return plan
 
 
+def global_weights(cfg: ModelConfig) -> dict[str, str]:
+    """HF key -> tx path of the tensors outside the layers: the family's own layout (the one whose layer prefix the
+    checkpoint uses, see :func:`with_weight_layout`) or :data:`GLOBAL_WEIGHTS`."""
+    family = family_named(cfg.family)
+    if family.global_weights is None:
+        return GLOBAL_WEIGHTS
+    return next(table for prefix, table in GLOBAL_LAYOUTS[family.global_weights] if prefix == cfg.hf_weight_prefix)
+
+
 def global_key(cfg: ModelConfig, key: str) -> str:
     """A :data:`GLOBAL_WEIGHTS` key ("model.norm.weight", "lm_head.weight") under the checkpoint's prefixes."""
+    if family_named(cfg.family).global_weights is not None:
+        return key  # the family's layouts hold whole keys
     if key.startswith("model."):
         return cfg.hf_weight_prefix + key[len("model.") :]
     return cfg.hf_head_prefix + key
@@ -95,6 +113,14 @@ def is_text_key(cfg: ModelConfig, key: str) -> bool:
 
 def with_weight_layout(cfg: ModelConfig, where: dict, folder) -> ModelConfig:
     """A multimodal checkpoint's config with the key prefixes its files use (writers have used several)."""
+    family = family_named(cfg.family)
+    if family.global_weights is not None:  # e.g. DeepSeek-V4: save_pretrained's keys or the hub's upstream ones
+        layouts = GLOBAL_LAYOUTS[family.global_weights]
+        for prefix, table in layouts:
+            if next(iter(table)) in where:
+                return dataclasses.replace(cfg, hf_weight_prefix=prefix, hf_head_prefix="")
+        tried = ", ".join(repr(next(iter(table))) for _, table in layouts)
+        raise CheckpointError(f"{folder}: a {cfg.architecture} checkpoint without its embeddings (looked for {tried})")
     wrapper = text_wrapper(cfg.raw)
     if wrapper is None:
         return cfg
@@ -160,7 +186,8 @@ def load_model(
         _check_keys(folder, cfg, plan, flat, by_path, where)
         for tx_path, fills in plan.items():
             var = flat[by_path[tx_path]]
-            buf = np.empty(var.shape, dtype=np.dtype(dtype))
+            integer = jnp.issubdtype(var.dtype, jnp.integer)  # a table (DeepSeek-V4's tid2eid) keeps its dtype
+            buf = np.empty(var.shape, dtype=np.dtype(var.dtype) if integer else np.dtype(dtype))
             for key, index, transpose in fills:
                 src = read_tensor(where, key)
                 dst = buf[index]
@@ -224,6 +251,8 @@ def _is_mtp_key(cfg: ModelConfig, key: str) -> bool:
     """A tensor of a multi-token-prediction layer past the decoder's last (DeepSeek-V3's ``model.layers.61.*`` with
     ``num_nextn_predict_layers``): transformers does not load them and tx leaves them too."""
     extra = cfg.raw.get("num_nextn_predict_layers") or 0
+    if extra and (key.startswith("mtp.") or key.startswith(f"{cfg.hf_weight_prefix}mtp.")):
+        return True  # DeepSeek-V4's upstream files keep them as mtp.{k}.*
     prefix = f"{cfg.hf_weight_prefix}layers."
     if not isinstance(extra, int) or extra <= 0 or not key.startswith(prefix):
         return False

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tx.models.config import ModelConfig, MoEConfig
+from tx.models.config import BlockSpec, ModelConfig, MoEConfig
 from tx.models.layers import MLP, Linear, _param, swiglu
 from tx.models.matmul import einsum
 
@@ -185,7 +185,10 @@ class Experts(nnx.Module):
     def _gated(self, h: jax.Array) -> jax.Array:
         if self.activation == "clamped_swiglu":
             return clamped_swiglu(h[..., 0::2], h[..., 1::2], self.alpha, self.limit)
-        return swiglu(h[..., : self.width], h[..., self.width :])
+        gate, up = h[..., : self.width], h[..., self.width :]
+        if self.activation == "clamped_silu":  # DeepSeek-V4
+            gate, up = jnp.minimum(gate, self.limit), jnp.clip(up, -self.limit, self.limit)
+        return swiglu(gate, up)
 
     def dense(self, x: jax.Array, weights: jax.Array) -> jax.Array:
         """x: [T, C], weights [T, E] (0 for experts not chosen) -> [T, C]."""
@@ -220,32 +223,40 @@ class MoE(nnx.Module):
     """Router + experts (+ Qwen2-MoE's gated shared expert, DeepSeek's ungated shared experts). ``__call__``:
     x [B, S, C] -> [B, S, C]. Routers: "softmax_topk", "topk_softmax", "grouped" (DeepSeek)."""
 
-    def __init__(self, cfg: ModelConfig, *, stack=(), dtype, rngs):
+    def __init__(self, cfg: ModelConfig, spec: BlockSpec | None = None, *, stack=(), dtype, rngs):
         moe = cfg.moe
         c = cfg.hidden_size
+        self.hash = spec is not None and spec.router == "hash"
         self.top_k, self.norm_topk_prob, self.num_experts = moe.top_k, moe.norm_topk_prob, moe.num_experts
         self.router_kind = moe.router
         self.router = Linear(
             c, moe.num_experts, bias=moe.router_bias, axes=("fsdp", None), stack=stack, dtype=dtype, rngs=rngs
         )
         self.moe = moe
-        if moe.correction_bias:  # DeepSeek-V3's e_score_correction_bias: shifts the choice, not the weights
-            lead = ("layers",) * len(stack)
+        lead = ("layers",) * len(stack)
+        if moe.correction_bias and not self.hash:  # DeepSeek's e_score_correction_bias: shifts the choice only
             self.score_correction_bias = _param(rngs, (*stack, moe.num_experts), (*lead, None), dtype, "zeros")
         else:
             self.score_correction_bias = None
+        if self.hash:  # DeepSeek-V4's hash layers: the experts of a token id, tid2eid [vocab, k], fixed
+            table = jnp.zeros((*stack, cfg.vocab_size, moe.top_k), jnp.int32)
+            self.tid2eid = nnx.Param(table, axes=(*lead, None, None))
         self.experts = Experts(moe, c, stack=stack, dtype=dtype, rngs=rngs)
         shared = gate = None
         if moe.shared_expert_size:
-            shared = MLP(cfg, width=moe.shared_expert_size, stack=stack, dtype=dtype, rngs=rngs)
+            limit = moe.swiglu_limit if moe.activation == "clamped_silu" else None
+            shared = MLP(cfg, width=moe.shared_expert_size, limit=limit, stack=stack, dtype=dtype, rngs=rngs)
             if moe.shared_expert_gate:  # Qwen2-MoE's sigmoid gate; DeepSeek's shared experts have none
                 gate = Linear(c, 1, bias=False, axes=("fsdp", None), stack=stack, dtype=dtype, rngs=rngs)
         self.shared_expert, self.shared_expert_gate = shared, gate
 
-    def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """x: [T, C] -> (router logits [T, E] fp32, chosen weights [T, k] in x's dtype, chosen experts [T, k])."""
+    def route(self, x: jax.Array, ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x: [T, C] (ids [T]: the token ids, for hash routing) -> (router logits [T, E] fp32, chosen weights [T, k]
+        in x's dtype, chosen experts [T, k])."""
         if self.router_kind == "grouped":
             return self._route_grouped(x)
+        if self.router_kind == "v4":
+            return self._route_v4(x, ids)
         logits = self.router(x).astype(jnp.float32)
         if self.router_kind == "topk_softmax":  # gpt-oss: the top-k logits, then a softmax over them
             top_logits, top_i = jax.lax.top_k(logits, self.top_k)
@@ -282,15 +293,39 @@ class MoE(nnx.Module):
         top_w = top_w * moe.routed_scaling_factor
         return logits, top_w.astype(x.dtype), top_i
 
-    def __call__(self, x: jax.Array, tokens: jax.Array | None = None) -> tuple[jax.Array, RouterSums]:
-        """x [B, S, C] (tokens: [B, S] bool, the real ones; None = all) -> (out [B, S, C], this layer's sums)."""
+    def _route_v4(self, x: jax.Array, ids: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """DeepSeek-V4: scores of the fp32 logits, top-k of the scores plus the correction bias (hash layers: the
+        token id's row of tid2eid), the chosen scores renormalised, times routed_scaling_factor."""
+        moe = self.moe
+        logits = self.router(x.astype(jnp.float32)).astype(jnp.float32)
+        if moe.scoring == "sqrtsoftplus":
+            scores = jnp.sqrt(jax.nn.softplus(logits))
+        elif moe.scoring == "sigmoid":
+            scores = jax.nn.sigmoid(logits)
+        else:
+            scores = jax.nn.softmax(logits, axis=-1)
+        if self.hash:
+            if ids is None:
+                raise ValueError("a hash-routed MoE layer needs the token ids")
+            top_i = jnp.take(self.tid2eid[...], ids.reshape(-1), axis=0).astype(jnp.int32)
+        else:
+            _, top_i = jax.lax.top_k(scores + self.score_correction_bias[...].astype(jnp.float32), self.top_k)
+        top_w = jnp.take_along_axis(scores, top_i, axis=-1)
+        top_w = top_w / (jnp.sum(top_w, axis=-1, keepdims=True) + 1e-20) * moe.routed_scaling_factor
+        return logits, top_w.astype(x.dtype), top_i
+
+    def __call__(
+        self, x: jax.Array, tokens: jax.Array | None = None, ids: jax.Array | None = None
+    ) -> tuple[jax.Array, RouterSums]:
+        """x [B, S, C] (tokens: [B, S] bool, the real ones, None = all; ids [B, S]: the token ids, for hash routing)
+        -> (out [B, S, C], this layer's sums)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        logits, top_w, top_i = self.route(flat)
+        logits, top_w, top_i = self.route(flat, ids)
         kind = formulation(flat.shape[0], self.num_experts, self.top_k)
         if kind == "dense":
             weights = jnp.zeros((flat.shape[0], self.num_experts), top_w.dtype)
-            weights = weights.at[jnp.arange(flat.shape[0])[:, None], top_i].set(top_w)
+            weights = weights.at[jnp.arange(flat.shape[0])[:, None], top_i].add(top_w)  # add: a hash row may repeat
             out = self.experts.dense(flat, weights)
         elif kind == "blocked":
             out = self.experts.blocked(flat, top_w, top_i)
