@@ -66,6 +66,25 @@ def generate_ids(
         raise ConfigError(
             f"token id {bad[0]} is outside the model's vocabulary (vocab_size {vocab}); is the tokenizer the model's?"
         )
+    if model.config.compressed is not None and len({len(p) for p in prompts}) > 1:
+        # DeepSeek-V4 pools cache slots into compressed entries, so a prompt must start at slot 0: prompts of
+        # different lengths (left-padded together) run one length at a time
+        out = [None] * len(prompts)
+        for length in sorted({len(p) for p in prompts}):
+            group = [i for i, p in enumerate(prompts) if len(p) == length]
+            done = generate_ids(
+                model,
+                [prompts[i] for i in group],
+                max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                eos_ids=eos_ids,
+                pad_id=pad_id,
+            )
+            for i, o in zip(group, done):
+                out[i] = o
+        return out
     b, n = len(prompts), max(len(p) for p in prompts)
     total = n + max_new_tokens
     if total > model.config.max_positions:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tx.models.config import BlockSpec, ModelConfig
-from tx.models.layers import NEG_INF, AttentionContext, Linear, RMSNorm, _param, attend_einsum
+from tx.models.layers import NEG_INF, AttentionContext, Linear, RMSNorm, _param, attend_einsum, write_cache
 from tx.models.matmul import einsum
 from tx.models.rope import rope_tables
 
@@ -84,21 +84,25 @@ class Compressor(nnx.Module):
         self.kv_norm = RMSNorm(dim, eps=eps, stack=stack, dtype=dtype, rngs=rngs)
         self.dim, self.rate, self.overlap = dim, rate, overlap
 
-    def entries(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        """x [B, S, C] -> [B, S // rate, dim], each entry rotated by ``cos`` / ``sin`` [1, S // rate, R/2] (its
-        window's first position); a trailing part window makes no entry."""
-        b, s, _ = x.shape
+    def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [B, S, C] -> the rows every entry is pooled from: (kv_proj(x), gate_proj(x)), each [B, S, width]; what
+        the generation cache keeps per token."""
+        return self.kv_proj(x), self.gate_proj(x)
+
+    def entries(self, kv: jax.Array, gate: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        """Projected rows [B, L, width] -> [B, L // rate, dim], each entry rotated by ``cos`` / ``sin``
+        [1, L // rate, R/2] (its window's first position); a trailing part window makes no entry."""
+        b, s, _ = kv.shape
         m, d = self.rate, self.dim
         w = s // m
-        xs = x[:, : w * m]
-        kv = self.kv_proj(xs).reshape(b, w, m, -1)
-        gate = self.gate_proj(xs).reshape(b, w, m, -1) + self.position_bias[...].astype(xs.dtype)
+        kv = kv[:, : w * m].reshape(b, w, m, -1)
+        gate = gate[:, : w * m].reshape(b, w, m, -1) + self.position_bias[...].astype(gate.dtype)
         if self.overlap:  # slots [previous window's series a | this window's series b]; window 0 has no previous
             pad = ((0, 0), (1, 0), (0, 0), (0, 0))
             kv = jnp.concatenate([jnp.pad(kv[:, :-1, :, :d], pad), kv[..., d:]], axis=2)
             gate = jnp.concatenate([jnp.pad(gate[:, :-1, :, :d], pad, constant_values=NEG_INF), gate[..., d:]], axis=2)
         weights = jax.nn.softmax(gate.astype(_F32), axis=2)
-        pooled = jnp.sum(kv.astype(_F32) * weights, axis=2).astype(x.dtype)
+        pooled = jnp.sum(kv.astype(_F32) * weights, axis=2).astype(kv.dtype)
         return rotate(self.kv_norm(pooled), cos, sin)
 
 
@@ -120,10 +124,11 @@ class Indexer(Compressor):
         self.q_b_proj = Linear(v.q_lora_rank, v.index_heads * v.index_head_dim, bias=False, axes=(None, "tp"), **kw)
         self.scorer = Scorer(cfg.hidden_size, v.index_heads, **kw)
 
-    def select(self, x, q_res, visible, cos_c, sin_c, cos_q, sin_q) -> jax.Array:
-        """Boolean [B, S, W]: the top ``index_topk`` of the entries ``visible`` to each query."""
+    def select(self, x, q_res, rows, visible, cos_c, sin_c, cos_q, sin_q) -> jax.Array:
+        """Boolean [B, S, W]: the top ``index_topk`` of the entries ``visible`` to each query; ``rows``: this
+        indexer's projected rows the entries pool (:meth:`project`, of the whole sequence or the cache)."""
         b, s, _ = x.shape
-        keys = self.entries(x, cos_c, sin_c)  # [B, W, dim]
+        keys = self.entries(*rows, cos_c, sin_c)  # [B, W, dim]
         q = self.q_b_proj(q_res).reshape(b, s, self.heads, self.dim)
         q = rotate(q, cos_q[:, :, None], sin_q[:, :, None])
         scores = jax.nn.relu(einsum("bshd,bwd->bshw", q, keys, _F32)) * self.dim**-0.5
@@ -169,7 +174,11 @@ class CompressedAttention(nnx.Module):
         self.rope_head_dim = cfg.head_dim
 
     def __call__(self, x: jax.Array, ctx: AttentionContext, kv=None):
-        """x: [B, S, C] -> ([B, S, C], kv unchanged). ``ctx.positions`` [B, S] place the queries."""
+        """x: [B, S, C] -> ([B, S, C], this layer's cache). ``ctx.positions`` [B, S] place the queries.
+
+        The cache (:func:`cache_shapes`) holds per slot the rotated key and, on CSA / HCA layers, the rows the
+        compressor (and the indexer) pool: decoding pools the entries from them again, so every entry equals the
+        full forward's; a slot is a position, so a cached sequence starts at slot 0 (no left padding)."""
         b, s, _ = x.shape
         h, d = self.num_heads, self.head_dim
         cos, sin = half_tables(ctx.cos, ctx.sin)  # this layer's rope ("main" or "compress")
@@ -177,18 +186,39 @@ class CompressedAttention(nnx.Module):
         q = unweighted_rms(self.q_b_proj(q_res).reshape(b, s, h, d), self.eps)
         q = rotate(q, cos[:, :, None], sin[:, :, None])
         keys = rotate(self.kv_norm(self.kv_proj(x)), cos, sin)[:, :, None]  # [B, S, 1, D]
+        rows = ()
+        if self.compressor is not None:
+            rows = self.compressor.project(x)
+            if self.kind == "csa":
+                rows += self.compressor.indexer.project(x)
+        if kv is not None:
+            kv = write_cache(kv, (keys, *rows), ctx.cache_index)
+            keys, rows = kv[0].astype(q.dtype), tuple(r.astype(q.dtype) for r in kv[1:])
         mask = ctx.mask
-        if self.compressor is not None and s >= self.compressor.rate:
+        length = keys.shape[1]
+        if self.compressor is not None and length >= self.compressor.rate:
             rate = self.compressor.rate
-            w = s // rate
+            w = length // rate
             cos_c, sin_c = half_tables(*rope_tables(self.compress_rope, self.rope_head_dim, jnp.arange(w)[None] * rate))
-            entries = self.compressor.entries(x, cos_c, sin_c)  # [B, W, D]
+            entries = self.compressor.entries(*rows[:2], cos_c, sin_c)  # [B, W, D]
             visible = jnp.arange(w)[None, None, :] < ((ctx.positions + 1) // rate)[..., None]  # windows passed
             if self.kind == "csa":
-                visible = self.compressor.indexer.select(x, q_res, visible, cos_c, sin_c, cos, sin)
+                visible = self.compressor.indexer.select(x, q_res, rows[2:], visible, cos_c, sin_c, cos, sin)
             keys = jnp.concatenate([keys, entries[:, :, None]], axis=1)
             mask = jnp.concatenate([mask, visible], axis=-1)
         out = attend_einsum(q, keys, keys, mask, scale=d**-0.5, sinks=self.sinks[...])
         out = rotate(out, cos[:, :, None], -sin[:, :, None])  # undo the rotation the values carried
         out = self.o_a_proj(out.reshape(b, s, self.groups, h * d // self.groups))
         return self.o_b_proj(out.reshape(b, s, -1)), kv
+
+
+def cache_shapes(cfg: ModelConfig, spec: BlockSpec, batch: int, length: int) -> tuple[tuple[int, ...], ...]:
+    """One layer's cache entries: the rotated key [B, T, 1, D]; CSA / HCA add the compressor's kv and gate rows
+    [B, T, width] (CSA: and the indexer's)."""
+    v = cfg.compressed
+    shapes = [(batch, length, 1, v.head_dim)]
+    if spec.attn == "hca":
+        shapes += [(batch, length, v.head_dim)] * 2
+    elif spec.attn == "csa":
+        shapes += [(batch, length, 2 * v.head_dim)] * 2 + [(batch, length, 2 * v.index_head_dim)] * 2
+    return tuple(shapes)

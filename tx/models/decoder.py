@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tx.models import layer_scan
+from tx.models import compressed, layer_scan
 from tx.models.block import Block, Residual  # noqa: F401 - Residual: the plain residual module, imported from here
 from tx.models.config import ModelConfig
 from tx.models.layers import AttentionContext, Embed, Linear, norm, window_key
@@ -87,10 +87,16 @@ class KVCache(NamedTuple):
     @classmethod
     def create(cls, cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> KVCache:
         layers = []
-        first, second = cache_shapes(cfg, batch, length)
         for plan in plan_segments(cfg.layer_specs):
             r = plan.repeats
-            layers.append(tuple((jnp.zeros((r, *first), dtype), jnp.zeros((r, *second), dtype)) for _ in plan.unit))
+            unit = []
+            for spec in plan.unit:
+                if cfg.compressed is not None:  # DeepSeek-V4: per attention kind (tx.models.compressed)
+                    shapes = compressed.cache_shapes(cfg, spec, batch, length)
+                else:
+                    shapes = cache_shapes(cfg, batch, length)
+                unit.append(tuple(jnp.zeros((r, *shape), dtype) for shape in shapes))
+            layers.append(tuple(unit))
         return cls(tuple(layers), jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
 
 

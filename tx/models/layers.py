@@ -204,8 +204,9 @@ class Attention(nnx.Module):
 
 def write_cache(kv: tuple, new: tuple, index) -> tuple:
     """One layer's cache entries [B, T, ...] with ``new`` [B, S, ...] written from slot ``index``."""
-    start = (0, index) + (0,) * (kv[0].ndim - 2)
-    return tuple(jax.lax.dynamic_update_slice(c, x.astype(c.dtype), start) for c, x in zip(kv, new))
+    return tuple(
+        jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (0, index) + (0,) * (c.ndim - 2)) for c, x in zip(kv, new)
+    )
 
 
 def attend(
