@@ -31,6 +31,9 @@ DTYPES = {
     "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16),
     "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),  # DeepSeek-V3's block-quantised weights (tx.models.fp8)
+    "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu),  # DeepSeek-V4's power-of-two block scales (ue8m0)
+    # DeepSeek-V4's FP4 experts (tx.models.fp4), two values a byte: the shape counts values, get() gives the bytes
+    "F4": np.dtype(ml_dtypes.float4_e2m1fn),
     "I64": np.dtype(np.int64),
     "I32": np.dtype(np.int32),
     "I16": np.dtype(np.int16),
@@ -39,6 +42,7 @@ DTYPES = {
     "BOOL": np.dtype(np.bool_),
 }
 NAMES = {v: k for k, v in DTYPES.items()}
+PACKED = {"F4": 2}  # values per byte
 
 
 class SafetensorsFile:
@@ -76,7 +80,10 @@ class SafetensorsFile:
                 raise CheckpointError(
                     f"{self.path}: tensor {name!r} has an unsupported or malformed entry {info!r}"
                 ) from None
-            if end - begin != dtype.itemsize * int(np.prod(shape)):
+            per_byte = PACKED.get(info["dtype"], 1)
+            if per_byte > 1 and (not shape or shape[-1] % per_byte):
+                raise CheckpointError(f"{self.path}: tensor {name!r}: {info['dtype']} shape {shape} splits a byte")
+            if end - begin != dtype.itemsize * int(np.prod(shape)) // per_byte:
                 raise CheckpointError(f"{self.path}: tensor {name!r}: byte range does not match shape {shape}")
             if self.data_start + end > size:
                 raise CheckpointError(
@@ -101,6 +108,8 @@ class SafetensorsFile:
             with open(self.path, "rb") as fh:
                 self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         dtype, shape, begin, end = self.infos[name]
+        if dtype == DTYPES["F4"]:  # packed: the bytes, [..., n / 2] (as torch's float4_e2m1fn_x2 holds them)
+            dtype, shape = np.dtype(np.uint8), (*shape[:-1], shape[-1] // PACKED["F4"])
         return np.frombuffer(
             self._mmap, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=self.data_start + begin
         ).reshape(shape)

@@ -49,7 +49,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 CONNECTOR_CONFIG = "tx_connector_config.json"
 CONNECTOR_WEIGHTS = "tx_connector.safetensors"
 FORMAT_VERSION = 1  # of the tx sidecar; bump when its layout changes
-_NEW_FIELDS = {"fracs": 1, "layers": None, "native": False}  # ConnectorConfig fields added after format 1: omitted at their defaults
+# ConnectorConfig fields added after format 1: omitted at their defaults
+_NEW_FIELDS = {"fracs": 1, "layers": None, "native": False}
 PEFT_PREFIX = "base_model.model."
 _PEFT_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight")
 # PEFT options that change what the adapter computes and that tx does not implement: key -> "unset" test.

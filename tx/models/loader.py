@@ -20,7 +20,7 @@ from flax import nnx
 
 from tx import hub
 from tx.errors import CheckpointError
-from tx.models import fp8
+from tx.models import fp4, fp8
 from tx.models.config import ModelConfig, load_config
 from tx.models.decoder import CausalLM
 from tx.models.families import (
@@ -213,17 +213,24 @@ MXFP4_SUFFIXES = ("_blocks", "_scales")  # a weight stored as MXFP4 (gpt-oss on 
 
 def read_tensor(where: dict, key: str) -> np.ndarray:
     """The tensor ``key`` as transformers holds it in memory (a view of the file; :func:`release_tensor` after
-    use): MXFP4 ``key_blocks`` + ``key_scales`` are dequantised (they store the last two axes swapped)."""
+    use): MXFP4 ``key_blocks`` + ``key_scales`` are dequantised (they store the last two axes swapped), and so are
+    FP8 and packed FP4 (int8 / F4) weights with their scale (``weight_scale_inv`` or upstream's ``scale``)."""
     if key in where:
-        value = where[key].get(key)
-        if value.dtype == fp8.FP8:
-            scale = key + fp8.SCALE_SUFFIX
-            if scale not in where:
+        value, dtype = where[key].get(key), where[key].dtype(key)
+        if dtype == fp8.FP8 or fp4.is_packed(dtype):
+            scale = fp4.scale_key(key, where)
+            if scale is None and dtype == fp4.INT8:
+                return value  # an int8 tensor, not FP4 (transformers' rule: FP4 has a scale)
+            if scale is None:
+                kind = "float8_e4m3fn" if dtype == fp8.FP8 else "packed FP4"
                 raise CheckpointError(
-                    f"{_file_of(where, key)}: tensor {key!r} is float8_e4m3fn but its scale {scale!r} is missing; "
-                    "an FP8 weight needs its per-block weight_scale_inv"
+                    f"{_file_of(where, key)}: tensor {key!r} is {kind} but its scale is missing (looked for "
+                    f"{' and '.join(map(repr, fp4.scale_keys(key)))}); a quantised weight needs its per-block scales"
                 )
-            return fp8.dequantize(value, where[scale].get(scale), key)
+            scales = fp4.scale_values(where[scale].get(scale), scale)
+            if dtype == fp8.FP8:
+                return fp8.dequantize(value, scales, key)
+            return fp4.dequantize(value, scales, key, scale)
         return value
     blocks, scales = (where[key + s].get(key + s) for s in MXFP4_SUFFIXES)
     return np.swapaxes(dequantize(blocks, scales, key), -1, -2)
@@ -231,8 +238,9 @@ def read_tensor(where: dict, key: str) -> np.ndarray:
 
 def release_tensor(where: dict, key: str) -> None:
     names = (key,) if key in where else tuple(key + s for s in MXFP4_SUFFIXES)
-    if key + fp8.SCALE_SUFFIX in where:
-        names += (key + fp8.SCALE_SUFFIX,)
+    scale = fp4.scale_key(key, where) if key in where else None
+    if scale is not None and (where[key].dtype(key) == fp8.FP8 or fp4.is_packed(where[key].dtype(key))):
+        names += (scale,)
     for name in names:
         where[name].release(name)
 
@@ -275,12 +283,28 @@ def _check_keys(folder: Path, cfg, plan, flat, by_path, where) -> None:
             else:
                 expected.add(key)
                 found = tuple(where[key].shape(key)) if key in where else None
-                if found is not None and where[key].dtype(key) == fp8.FP8:
-                    expected.add(key + fp8.SCALE_SUFFIX)
-                    if key + fp8.SCALE_SUFFIX not in where:
-                        problems.append(
-                            f"tensor {key!r} is float8_e4m3fn but its scale {key + fp8.SCALE_SUFFIX!r} is missing"
-                        )
+                dtype = where[key].dtype(key) if key in where else None
+                # int8 is FP4 with a scale, or wherever a float is wanted (transformers' rule: FP4 has a scale)
+                packed = found is not None and fp4.is_packed(dtype)
+                if packed and dtype == fp4.INT8 and fp4.scale_key(key, where) is None:
+                    packed = not np.issubdtype(flat[by_path[tx_path]].dtype, np.integer)
+                if found is not None and (dtype == fp8.FP8 or packed):
+                    scale = fp4.scale_key(key, where)
+                    kind = "float8_e4m3fn" if dtype == fp8.FP8 else "packed FP4"
+                    if scale is None:
+                        looked = " or ".join(map(repr, fp4.scale_keys(key)))
+                        problems.append(f"tensor {key!r} is {kind} but its scale ({looked}) is missing")
+                    else:
+                        expected.add(scale)
+                    if packed:
+                        found = fp4.unpacked_shape(found, dtype)
+                        need = fp4.scale_shape(found)
+                        has = None if scale is None else tuple(where[scale].shape(scale))
+                        if has is not None and has != need:
+                            problems.append(
+                                f"tensor {scale!r} has shape {has} but its FP4 weight {key!r} {found} needs {need} "
+                                f"(one scale per 1 x {fp4.BLOCK} block)"
+                            )
             if found is None:
                 problems.append(f"missing tensor {key!r} (expected shape {tuple(want)})")
             elif found != tuple(want):
