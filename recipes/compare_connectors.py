@@ -15,6 +15,9 @@ CPU run (about ten minutes on 2 cores for the four default configurations x 3 se
 
     python recipes/compare_connectors.py [--small] [--configs lora,mhc,mhc_lite,fracs] [--seeds 0,1,2]
         [--steps 150] [--expansion-rate 4] [--fracs 4] [--model DIR] [--out runs/compare]
+
+On a DeepSeek-V4 checkpoint (``recipes/tiny_deepseek_v4.py`` writes a tiny one), ``--configs lora,native``
+compares LoRA alone (the checkpoint's hyper-connections frozen) with LoRA + those hyper-connections trained.
 """
 
 from __future__ import annotations
@@ -28,17 +31,25 @@ from pathlib import Path
 import numpy as np
 
 import tx
+from tx import hub
 from tx.demo import DEMO_MODEL
 from tx.demo_tasks import make_task_split
+from tx.models.config import load_config
 from tx.train.data import Dataset
 from tx.train.evaluate import eval_loss
 
 
 def connector_for(name: str, args) -> tx.ConnectorConfig | None:
-    """``lora`` (none), a kind name (``mhc``, ``mhc_lite``, ``dynamic``, ``static``: n = --expansion-rate) or
-    ``fracs`` (frac-connections: dynamic, n = --fracs-streams, m = --fracs)."""
+    """``lora`` (none), a kind name (``mhc``, ``mhc_lite``, ``dynamic``, ``static``: n = --expansion-rate),
+    ``fracs`` (frac-connections: dynamic, n = --fracs-streams, m = --fracs) or ``native`` (a checkpoint's own
+    hyper-connections trained, DeepSeek-V4's; with ``lora`` they stay frozen)."""
     if name == "lora":
         return None
+    if name == "native":
+        hyper = load_config(hub.resolve(args.model)).hyper
+        if hyper is None:
+            raise SystemExit(f"--configs native: {args.model} has no hyper-connections of its own (DeepSeek-V4 has)")
+        return tx.ConnectorConfig(expansion_rate=hyper.n, trainable=True)
     if name == "fracs":
         return tx.ConnectorConfig(expansion_rate=args.fracs_streams, kind="dynamic", fracs=args.fracs)
     return tx.ConnectorConfig(expansion_rate=args.expansion_rate, kind=name)
@@ -176,7 +187,9 @@ def plot(runs: list[dict], budget: float, path: Path) -> bool:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(DEMO_MODEL))
-    ap.add_argument("--configs", default="lora,mhc,mhc_lite,fracs", help="lora, a connector kind, or fracs")
+    ap.add_argument(
+        "--configs", default="lora,mhc,mhc_lite,fracs", help="lora, a connector kind, fracs, or native (DeepSeek-V4)"
+    )
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--evals", type=int, default=10, help="eval points after step 0")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -74,8 +75,10 @@ def _adapter_args(p):
     g.add_argument(
         "--expansion-rate",
         type=int,
-        default=4,
-        help="connector streams n; 1 with --fracs 1 = no connector (default: 4)",
+        default=None,
+        help="connector streams n; 1 with --fracs 1 = no connector (default: 4, or the checkpoint's hc_mult where "
+        "its blocks carry their own hyper-connections, as DeepSeek-V4's: they then train, or stay frozen with "
+        "--no-train-connector or --expansion-rate 1)",
     )
     g.add_argument(
         "--kind",
@@ -156,7 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the embedded demo model)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: 600)")
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    p.add_argument("--expansion-rate", type=int, default=4)
+    p.add_argument(
+        "--expansion-rate",
+        type=int,
+        default=None,
+        help="connector streams n; 1 = LoRA only (default: 4, or the checkpoint's own hc_mult)",
+    )
     p.add_argument("--kind", default="mhc", choices=CONNECTOR_KINDS)
 
     p = sub.add_parser(
@@ -252,8 +260,9 @@ def _configs(args):
 
     if args.lora_rank < 0:
         raise tx.errors.ConfigError(f"--lora-rank must be >= 0, got {args.lora_rank}")
-    if args.expansion_rate < 1:
-        raise tx.errors.ConfigError(f"--expansion-rate must be >= 1, got {args.expansion_rate}")
+    rate = 4 if args.expansion_rate is None else args.expansion_rate
+    if rate < 1:
+        raise tx.errors.ConfigError(f"--expansion-rate must be >= 1, got {rate}")
     lora = None
     if args.lora_rank > 0:
         targets = args.targets
@@ -266,9 +275,9 @@ def _configs(args):
     if args.fracs < 1:
         raise tx.errors.ConfigError(f"--fracs must be >= 1, got {args.fracs}")
     conn = None
-    if args.expansion_rate > 1 or args.fracs > 1:
+    if rate > 1 or args.fracs > 1:
         conn = tx.ConnectorConfig(
-            expansion_rate=args.expansion_rate,
+            expansion_rate=rate,
             kind=args.kind,
             trainable=not args.no_train_connector,
             fracs=args.fracs,
@@ -277,6 +286,15 @@ def _configs(args):
     elif args.connector_layers is not None:
         raise tx.errors.ConfigError("--connector-layers needs a connector: set --expansion-rate > 1 or --fracs > 1")
     return lora, conn
+
+
+def _native_rate(conn, args, model):
+    """``conn`` with the checkpoint's own stream count where its blocks carry hyper-connections (DeepSeek-V4's
+    hc_mult) and --expansion-rate was not given."""
+    hyper = model.config.hyper
+    if conn is None or args.expansion_rate is not None or hyper is None:
+        return conn
+    return dataclasses.replace(conn, expansion_rate=hyper.n)
 
 
 def _load(args):
@@ -295,6 +313,7 @@ def cmd_verify(args) -> int:
     if args.tolerance is not None and args.tolerance <= 0:
         raise tx.errors.ConfigError(f"--tolerance must be > 0, got {args.tolerance}")
     model = tx.load_model(args.model, dtype=args.dtype)
+    conn = _native_rate(conn, args, model)
     if lora or conn:
         tx.attach(model, lora=lora, connector=conn)
     tok = tx.load_tokenizer(args.model)
@@ -349,6 +368,7 @@ def cmd_finetune(args) -> int:
     )
     model = tx.load_model(args.model, dtype=args.dtype, mesh=mesh)  # first: a folder without config.json says so
     tok = tx.load_tokenizer(args.model)
+    conn = _native_rate(conn, args, model)
     tx.attach(model, lora=lora, connector=conn)
     print(tx.trainable_parameters(model))
     result = tx.Trainer(model, cfg, mesh=mesh).fit(train_data, eval_data, tokenizer=tok)

@@ -43,7 +43,9 @@ def _plot(history, path: Path) -> str:
     return f"loss plot written to {path}"
 
 
-def run_demo(model=None, steps=None, out="runs/demo", expansion_rate=4, kind="mhc", task="reverse") -> int:
+def run_demo(model=None, steps=None, out="runs/demo", expansion_rate=None, kind="mhc", task="reverse") -> int:
+    """The demo on ``model`` (default: the embedded one). ``expansion_rate`` None: 4, or the checkpoint's own
+    hc_mult where its blocks carry hyper-connections (DeepSeek-V4: they train); 1: LoRA alone."""
     import tx
     from tx.demo_tasks import make_task_split, write_jsonl
     from tx.train.data import Dataset
@@ -69,6 +71,8 @@ def run_demo(model=None, steps=None, out="runs/demo", expansion_rate=4, kind="mh
         f"{eval_records[0]['messages'][1]['content']!r}"
     )
 
+    if expansion_rate is None:
+        expansion_rate = cfg.hyper.n if cfg.hyper is not None else 4
     lora = tx.LoRAConfig(rank=8, alpha=16)
     conn = tx.ConnectorConfig(expansion_rate=expansion_rate, kind=kind) if expansion_rate > 1 else None
     tx.attach(net, lora=lora, connector=conn)

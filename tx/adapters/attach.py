@@ -285,7 +285,10 @@ def _check_native(model, connector: ConnectorConfig) -> None:
     """``connector`` on a checkpoint with native hyper-connections: they become the adapter, trained or not as
     ``connector.trainable`` says; their shape is the checkpoint's."""
     h, arch = model.config.hyper, model.config.architecture
-    fix = f"use tx.ConnectorConfig(expansion_rate={h.n}, trainable=...), or no connector to keep them frozen"
+    fix = (
+        f"use tx.ConnectorConfig(expansion_rate={h.n}, trainable=...) (on the command line: --expansion-rate "
+        f"{h.n}, or leave it out), or no connector to keep them frozen (--expansion-rate 1)"
+    )
     if connector.expansion_rate != h.n:
         raise ConfigError(
             f"this {arch} carries its own hyper-connections with hc_mult={h.n} streams; expansion_rate="
