@@ -211,37 +211,47 @@ def load_model(
 MXFP4_SUFFIXES = ("_blocks", "_scales")  # a weight stored as MXFP4 (gpt-oss on the hub): see tx.models.mxfp4
 
 
+def _quantised(where: dict, key: str, float_wanted: bool = False) -> tuple[str | None, str | None]:
+    """(kind, scale name or None when missing) of a stored quantised weight, kind "float8_e4m3fn" or "packed FP4";
+    (None, None) for a plain tensor. int8 is packed FP4 when it has a scale (transformers' rule) or a float is
+    wanted."""
+    dtype = where[key].dtype(key)
+    if dtype != fp8.FP8 and not fp4.is_packed(dtype):
+        return None, None
+    scale = fp4.scale_key(key, where)
+    if dtype == fp8.FP8:
+        return "float8_e4m3fn", scale
+    if dtype == fp4.FP4 or scale is not None or float_wanted:
+        return "packed FP4", scale
+    return None, None
+
+
 def read_tensor(where: dict, key: str) -> np.ndarray:
     """The tensor ``key`` as transformers holds it in memory (a view of the file; :func:`release_tensor` after
     use): MXFP4 ``key_blocks`` + ``key_scales`` are dequantised (they store the last two axes swapped), and so are
     FP8 and packed FP4 (int8 / F4) weights with their scale (``weight_scale_inv`` or upstream's ``scale``)."""
-    if key in where:
-        value, dtype = where[key].get(key), where[key].dtype(key)
-        if dtype == fp8.FP8 or fp4.is_packed(dtype):
-            scale = fp4.scale_key(key, where)
-            if scale is None and dtype == fp4.INT8:
-                return value  # an int8 tensor, not FP4 (transformers' rule: FP4 has a scale)
-            if scale is None:
-                kind = "float8_e4m3fn" if dtype == fp8.FP8 else "packed FP4"
-                raise CheckpointError(
-                    f"{_file_of(where, key)}: tensor {key!r} is {kind} but its scale is missing (looked for "
-                    f"{' and '.join(map(repr, fp4.scale_keys(key)))}); a quantised weight needs its per-block scales"
-                )
-            scales = fp4.scale_values(where[scale].get(scale), scale)
-            if dtype == fp8.FP8:
-                return fp8.dequantize(value, scales, key)
-            return fp4.dequantize(value, scales, key, scale)
+    if key not in where:
+        blocks, scales = (where[key + s].get(key + s) for s in MXFP4_SUFFIXES)
+        return np.swapaxes(dequantize(blocks, scales, key), -1, -2)
+    value = where[key].get(key)
+    kind, scale = _quantised(where, key)
+    if kind is None:
         return value
-    blocks, scales = (where[key + s].get(key + s) for s in MXFP4_SUFFIXES)
-    return np.swapaxes(dequantize(blocks, scales, key), -1, -2)
+    if scale is None:
+        raise CheckpointError(
+            f"{_file_of(where, key)}: tensor {key!r} is {kind} but its scale is missing (looked for "
+            f"{' and '.join(map(repr, fp4.scale_keys(key)))}); a quantised weight needs its per-block scales"
+        )
+    scales = fp4.scale_values(where[scale].get(scale), scale)
+    if kind == "float8_e4m3fn":
+        return fp8.dequantize(value, scales, key)
+    return fp4.dequantize(value, scales, key, scale)
 
 
 def release_tensor(where: dict, key: str) -> None:
     names = (key,) if key in where else tuple(key + s for s in MXFP4_SUFFIXES)
-    scale = fp4.scale_key(key, where) if key in where else None
-    if scale is not None and (where[key].dtype(key) == fp8.FP8 or fp4.is_packed(where[key].dtype(key))):
-        names += (scale,)
-    for name in names:
+    scale = _quantised(where, key)[1] if key in where else None
+    for name in names + ((scale,) if scale else ()):
         where[name].release(name)
 
 
@@ -283,21 +293,16 @@ def _check_keys(folder: Path, cfg, plan, flat, by_path, where) -> None:
             else:
                 expected.add(key)
                 found = tuple(where[key].shape(key)) if key in where else None
-                dtype = where[key].dtype(key) if key in where else None
-                # int8 is FP4 with a scale, or wherever a float is wanted (transformers' rule: FP4 has a scale)
-                packed = found is not None and fp4.is_packed(dtype)
-                if packed and dtype == fp4.INT8 and fp4.scale_key(key, where) is None:
-                    packed = not np.issubdtype(flat[by_path[tx_path]].dtype, np.integer)
-                if found is not None and (dtype == fp8.FP8 or packed):
-                    scale = fp4.scale_key(key, where)
-                    kind = "float8_e4m3fn" if dtype == fp8.FP8 else "packed FP4"
-                    if scale is None:
+                if found is not None:
+                    float_wanted = not np.issubdtype(flat[by_path[tx_path]].dtype, np.integer)
+                    kind, scale = _quantised(where, key, float_wanted)
+                    if kind is not None and scale is None:
                         looked = " or ".join(map(repr, fp4.scale_keys(key)))
                         problems.append(f"tensor {key!r} is {kind} but its scale ({looked}) is missing")
-                    else:
+                    elif kind is not None:
                         expected.add(scale)
-                    if packed:
-                        found = fp4.unpacked_shape(found, dtype)
+                    if kind == "packed FP4":
+                        found = fp4.unpacked_shape(found, where[key].dtype(key))
                         need = fp4.scale_shape(found)
                         has = None if scale is None else tuple(where[scale].shape(scale))
                         if has is not None and has != need:
