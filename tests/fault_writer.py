@@ -1,12 +1,12 @@
 """A writer for tests/test_faults.py to kill: it saves checkpoints, adapter files and metrics lines in a loop.
 
-Run as ``python fault_writer.py``: a zygote that imports tx once, then for each line ``<run folder>`` read from
-stdin forks a writer and prints its pid. The writer resumes from the newest complete checkpoint in the folder (as
-``Trainer.fit(resume=True)`` does: metrics past it are dropped) and then, for steps k = last + 1, last + 2, ...
-forever: appends a metrics line, writes checkpoint k (every tensor and optimiser leaf filled with k) and rewrites
-the adapter files (filled with k). The test kills the writer with SIGKILL at a random moment and checks the folder.
-Forking from the zygote costs milliseconds where a fresh interpreter would spend seconds importing JAX; nothing in
-the writer touches JAX's runtime (states are numpy arrays), so forking is safe.
+Run as ``python fault_writer.py``: a zygote that imports tx once, then for each line ``<run folder>`` read from stdin
+forks a writer and prints its pid. The writer resumes from the newest complete checkpoint in the folder (as
+``Trainer.fit(resume=True)`` does: metrics past it are dropped) and then, for steps k = last + 1, last + 2, ... forever:
+appends a metrics line, writes checkpoint k (every tensor and optimiser leaf filled with k) and rewrites the adapter
+folder (both files filled with k, swapped in as one). The test kills the writer with SIGKILL at a random moment and
+checks the folder. Forking from the zygote costs milliseconds where a fresh interpreter would spend seconds importing
+JAX; nothing in the writer touches JAX's runtime (states are numpy arrays), so forking is safe.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from tx.adapters.io import _write_json
+from tx.folder_io import write_folder
 from tx.safetensors_io import save_tensors
 from tx.train.checkpoint import latest_checkpoint, read_info, save_checkpoint
 from tx.train.trainer import _append_line, _truncate_metrics
@@ -51,9 +52,16 @@ def write_forever(out: Path) -> None:
         step += 1
         _append_line(out / "metrics.jsonl", {"step": step, "loss": 1.0 / step})
         save_checkpoint(root, step, states(step), opt_state(step), {"config": {"seed": 0}}, keep=2)
-        (out / "adapter").mkdir(exist_ok=True)
-        save_tensors({"w": np.full((64, 256), step, np.float32)}, out / "adapter" / "adapter_model.safetensors")
-        _write_json(out / "adapter" / "adapter_config.json", {"step": step})
+        write_folder(out / "adapter", lambda dest, k=step: write_adapter(dest, k), replaces=ADAPTER_FILES)
+
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+def write_adapter(dest: Path, step: int) -> None:
+    """The two files of an adapter, as tx.save_adapter writes them (through tx.folder_io.write_folder)."""
+    save_tensors({"w": np.full((64, 256), step, np.float32)}, dest / ADAPTER_FILES[0])
+    _write_json(dest / ADAPTER_FILES[1], {"step": step})
 
 
 def main() -> None:

@@ -102,11 +102,12 @@ def check_run_folder(out: Path, previous: int) -> tuple[int, bool]:
         assert all(np.all(np.asarray(v[...]) == step) for s in states.values() for _, v in nnx.to_flat_state(s))
     cut = bool(list(root.glob(".tmp-*")))
     adapter = out / "adapter"
-    if (adapter / "adapter_model.safetensors").exists():  # old or new, never a torn file
+    if adapter.exists():  # the old folder or the new one, never a torn file nor new weights beside an old config
+        assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
         w = load_file(adapter / "adapter_model.safetensors")["w"]
         assert np.all(w == w.flat[0]) and w.flat[0] >= 1
-        assert json.loads((adapter / "adapter_config.json").read_text())["step"] >= 1
-        cut |= bool(list(adapter.glob(".*.tmp-*")))
+        assert json.loads((adapter / "adapter_config.json").read_text())["step"] == w.flat[0]
+    cut |= bool(list(out.glob(".adapter.*")))
     metrics = out / "metrics.jsonl"
     if metrics.exists():
         lines = metrics.read_text().split("\n")
@@ -154,6 +155,83 @@ def test_kill_during_saves_loses_nothing(zygote, tmp_path):
     assert final > step + 1
     leftovers = [p.name for p in (out / "checkpoints").glob(".tmp-*")]
     assert len(leftovers) <= 1, leftovers  # at most the one the last kill interrupted
+    leftovers = [p.name for p in out.glob(".adapter.*")]
+    assert len(leftovers) <= 1, leftovers
+
+
+def dead_owner() -> str:
+    """The ``host.pid`` suffix of a writer that has died (a child that has exited and been reaped)."""
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return f"{socket.gethostname()}.{int(child.stdout)}"
+
+
+def two_files(step: int):
+    def write(dest: Path) -> None:
+        (dest / "a.json").write_text(json.dumps({"step": step}))
+        (dest / "b.json").write_text(json.dumps({"step": step}))
+
+    return write
+
+
+@pytest.mark.parametrize("exchange", ["renameat2", "two renames"])
+def test_write_folder_swaps_the_whole_folder_and_keeps_other_files(monkeypatch, tmp_path, exchange):
+    import tx.folder_io
+
+    if exchange == "two renames":  # where the OS or file system has no atomic exchange
+        monkeypatch.setattr(tx.folder_io, "_exchange", lambda a, b: False)
+    folder = tmp_path / "adapter"
+    tx.folder_io.write_folder(folder, two_files(1), replaces=["a.json", "b.json", "c.json"])
+    (folder / "README.md").write_text("mine")
+    (folder / "c.json").write_text("from an earlier save")
+    (folder / "tokenizer").mkdir()
+    (folder / "tokenizer" / "vocab.json").write_text("{}")
+    tx.folder_io.write_folder(folder, two_files(2), replaces=["a.json", "b.json", "c.json"])
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["README.md", "a.json", "b.json", "tokenizer"]  # c.json was the save's own, and is gone
+    assert (folder / "README.md").read_text() == "mine" and (folder / "tokenizer" / "vocab.json").is_file()
+    assert json.loads((folder / "b.json").read_text()) == {"step": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no hidden folder left
+
+
+def test_write_folder_recovers_what_a_killed_writer_left(tmp_path):
+    from tx.folder_io import write_folder
+
+    folder = tmp_path / "adapter"
+    write_folder(folder, two_files(1))
+    dead = dead_owner()
+    os.rename(folder, tmp_path / f".adapter.old-{dead}")  # killed between the fallback's two renames
+    (tmp_path / f".adapter.tmp-{dead}").mkdir()  # and a half-written new folder
+    (tmp_path / f".adapter.tmp-{dead}" / "a.json").write_text("torn")
+    live = tmp_path / ".adapter.tmp-otherhost.1"  # another host's writer: not ours to remove
+    live.mkdir()
+
+    def fails(dest: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(dest / "a.json"))
+
+    with pytest.raises(WriteError, match=rf"cannot write {folder}/a.json: the disk is full"):
+        write_folder(folder, fails)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".adapter.tmp-otherhost.1", "adapter"]
+    assert json.loads((folder / "a.json").read_text()) == {"step": 1}  # the old adapter is back, unchanged
+
+
+def test_write_folder_in_place_where_no_sibling_can_be_made(monkeypatch, tmp_path):
+    import tx.folder_io
+
+    folder = tmp_path / "adapter"
+    tx.folder_io.write_folder(folder, two_files(1))
+    (folder / "c.json").write_text("from an earlier save")
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self.name.startswith(".adapter.tmp-"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    write = lambda dest: tx.adapters.io._write_json(dest / "a.json", {"step": 2})  # noqa: E731
+    tx.folder_io.write_folder(folder, write, replaces=["a.json", "b.json", "c.json"])
+    assert sorted(p.name for p in folder.iterdir()) == ["a.json"]  # b and c were not rewritten: removed
+    assert json.loads((folder / "a.json").read_text()) == {"step": 2}
 
 
 # ----------------------------------------------------------------------------------------- (c) full disk

@@ -10,7 +10,9 @@ An adapter folder holds
   variables by their nnx path in the model (``layers.attn_residual.proj``, stacked on the layer axis). PEFT ignores
   these files.
 
-Every file is written atomically (temporary name, then rename). Only JSON and safetensors are read, never pickles.
+The folder is written as one (:func:`tx.folder_io.write_folder`: a hidden sibling, then one swap), so a crash
+leaves the old adapter or the new one, never new weights beside an old config. Only JSON and safetensors are
+read, never pickles.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from tx.adapters.connector import ConnectorConfig, ConnectorParam, FrozenConnect
 from tx.adapters.lora import ALL_LINEAR, LoRAConfig
 from tx.adapters.lora_experts import a_from_peft, b_from_peft, to_peft
 from tx.errors import AdapterError, ConfigError
+from tx.folder_io import write_folder
 from tx.jsonfile import read_json_object
 from tx.models.families import LINEAR_MODULES
 from tx.multihost import host_array, is_writer, sync
@@ -255,28 +258,27 @@ def save_adapter(model, path) -> Path:
 def _write_adapter(model, folder: Path, lora_tensors, conn_tensors, connectors) -> None:
     import tx
 
-    folder.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "tx_version": tx.__version__, "tx_format_version": str(FORMAT_VERSION)}
-    if lora_tensors:
-        save_tensors(lora_tensors, folder / ADAPTER_WEIGHTS, metadata=meta)
-        _write_json(folder / ADAPTER_CONFIG, peft_config(model))
-    else:
-        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-            (folder / name).unlink(missing_ok=True)
+    sidecar = None
     if conn_tensors:
-        config = next(iter(connectors.values())).config
-        save_tensors(conn_tensors, folder / CONNECTOR_WEIGHTS, metadata=meta)
-        fields = dataclasses.asdict(config)
+        fields = dataclasses.asdict(next(iter(connectors.values())).config)
         for name, default in _NEW_FIELDS.items():  # written only when set, so older tx still reads the rest
             if fields[name] == default:
                 del fields[name]
         if fields.get("layers") is not None:
             fields["layers"] = list(fields["layers"])
         sidecar = {"format_version": FORMAT_VERSION, "tx_version": tx.__version__, **fields}
-        _write_json(folder / CONNECTOR_CONFIG, sidecar)
-    else:
-        for name in (CONNECTOR_CONFIG, CONNECTOR_WEIGHTS):
-            (folder / name).unlink(missing_ok=True)
+
+    def write(dest: Path) -> None:
+        if lora_tensors:
+            save_tensors(lora_tensors, dest / ADAPTER_WEIGHTS, metadata=meta)
+            _write_json(dest / ADAPTER_CONFIG, peft_config(model))
+        if conn_tensors:
+            save_tensors(conn_tensors, dest / CONNECTOR_WEIGHTS, metadata=meta)
+            _write_json(dest / CONNECTOR_CONFIG, sidecar)
+
+    # one swap of the whole folder: a crash never leaves new weights beside an old config; other files are kept
+    write_folder(folder, write, replaces=(ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONNECTOR_CONFIG, CONNECTOR_WEIGHTS))
 
 
 # ---------------------------------------------------------------------------------------------------- loading

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import jax
@@ -25,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from tx.errors import CheckpointError, TxError
+from tx.folder_io import is_stale, owner
 from tx.multihost import host_array, is_writer, sync
 from tx.safetensors_io import (
     SafetensorsFile,
@@ -40,11 +40,6 @@ FORMAT = 1
 TMP_PREFIX = ".tmp-"
 
 
-def _owner() -> str:
-    """``host.pid``, the suffix of this process's hidden folders: another host's are never taken for stale."""
-    return f"{socket.gethostname()}.{os.getpid()}"
-
-
 def _flat(state: nnx.State, prefix: str) -> dict[str, np.ndarray]:
     return {prefix + "/".join(str(p) for p in path): host_array(v[...]) for path, v in nnx.to_flat_state(state)}
 
@@ -53,21 +48,10 @@ def _write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
 def remove_stale(root: Path) -> None:
     """Remove hidden folders that writers on this host killed mid-save or mid-delete left behind (not live ones)."""
     for path in Path(root).glob(TMP_PREFIX + "*"):
-        host, _, pid = path.name.rsplit("-", 1)[-1].rpartition(".")
-        if host == socket.gethostname() and pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+        if is_stale(path.name):
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -76,7 +60,7 @@ def remove_checkpoint(path: Path) -> None:
     path = Path(path)
     if not path.exists():
         return
-    aside = path.with_name(f"{TMP_PREFIX}del-{path.name}-{_owner()}")
+    aside = path.with_name(f"{TMP_PREFIX}del-{path.name}-{owner()}")
     os.rename(path, aside)
     shutil.rmtree(aside, ignore_errors=True)
 
@@ -106,7 +90,7 @@ def save_checkpoint(root: Path, step: int, states: dict[str, nnx.State], opt_sta
 
 
 def _write_checkpoint(root: Path, final: Path, step: int, tensors: dict, info: dict, keep: int) -> None:
-    tmp = root / f"{TMP_PREFIX}step_{step:07d}-{_owner()}"
+    tmp = root / f"{TMP_PREFIX}step_{step:07d}-{owner()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
         remove_stale(root)
