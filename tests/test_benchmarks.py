@@ -1,6 +1,6 @@
 """The benchmarks run (tiny shapes, one round) and print the JSON their docstrings describe; step.py's FLOP count
 is the FLOPs XLA counts in the matmuls it names; step.py times PEFT in the same run and any checkpoint folder;
-accelerator_check.py runs its checks and benchmarks on CPU."""
+accelerator_check.py runs its checks and benchmarks on CPU; profile_step.py sees every matmul the step runs."""
 
 import json
 import subprocess
@@ -44,6 +44,20 @@ def test_step_benchmark_json_and_flop_count():
     assert out["peft"]["trainable_parameters"] == 2 * sum(4 * (i + o) for i, o in shapes)
     ratio = out["peft"]["min_seconds_per_step"] / out["configs"]["lora"]["min_seconds_per_step"]
     assert out["lora_speedup_vs_peft"] == pytest.approx(ratio, rel=1e-2)
+
+
+@pytest.mark.slow
+def test_profile_sees_every_matmul_of_the_step():
+    out = run("profile_step.py", *TINY, "--batch", 2, "--seq", 16, "--rank", 4, "--steps", 1, "--config", "lora")
+    # the profiled matmuls, each run counted from its HLO shapes, are exactly step.py's count (frozen base and
+    # attention) plus LoRA's own: per adapted linear 6 x tokens x r x (in + out) (forward 2, backward 4)
+    t, r, c, hd = 32, 4, 64, 16
+    shapes = [(c, 4 * hd), (c, 2 * hd), (c, 2 * hd), (4 * hd, c), (c, 96), (c, 96), (96, c)]
+    lora = 2 * sum(6 * t * r * (i + o) for i, o in shapes)
+    assert out["matmul_flops_per_step"] == out["counted_step_flops"] + lora
+    kinds = out["by_kind"]
+    assert sum(k["seconds"] for k in kinds.values()) == pytest.approx(out["thunk_seconds_per_step"], abs=1e-3)
+    assert kinds["matmul"]["seconds"] > 0 and any(e["runs_per_step"] == 2 for e in out["top"])  # the layer scan
 
 
 @pytest.mark.slow

@@ -127,6 +127,18 @@ def router_metrics(sums: RouterSums) -> dict[str, jax.Array]:
     }
 
 
+@jax.checkpoint
+def _gathered_matmul(weight: jax.Array, x: jax.Array, expert: jax.Array) -> jax.Array:
+    """``x[n] @ weight[expert[n]].T``; the backward pass gathers the block weights again instead of keeping them.
+
+    Kept, the gathered ``[NB, out, in]`` copies were the largest residuals of a MoE layer (one per block, 256 MB per
+    step at a Qwen3-MoE-like shape): zero-filling and writing their stack cost ~30% of a CPU step, measured with
+    benchmarks/profile_step.py; the gather itself costs ~3%. Only the gather is recomputed (the product is
+    linear, so its output is no residual).
+    """
+    return einsum("nbi,noi->nbo", x, jnp.take(weight, expert, axis=0).astype(x.dtype))
+
+
 class ExpertLinear(nnx.Module):
     """Per-expert projections ``y_e = W_e x (+ b_e)``: ``weight [*stack, E, out, in]``, ``bias [*stack, E, out]``."""
 
@@ -143,8 +155,7 @@ class ExpertLinear(nnx.Module):
 
     def blocked(self, x: jax.Array, expert: jax.Array) -> jax.Array:
         """x: [NB, B, in], block ``n``'s rows for expert ``expert[n]`` -> [NB, B, out]."""
-        w = jnp.take(self.weight[...], expert, axis=0).astype(x.dtype)
-        y = einsum("nbi,noi->nbo", x, w)
+        y = _gathered_matmul(self.weight[...], x, expert)
         return y if self.bias is None else y + jnp.take(self.bias[...], expert, axis=0).astype(y.dtype)[:, None]
 
     def ragged(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
