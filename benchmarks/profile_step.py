@@ -110,9 +110,9 @@ def classify(name: str, instrs: dict, comps: dict) -> tuple[str, int]:
         return "slice", 0
     if ops & {"reduce", "reduce-window"}:
         return "reduce", 0
-    if ops <= {"copy", "transpose", "parameter", "bitcast", "reshape"}:
+    if ops - {"fusion"} <= {"copy", "transpose", "parameter", "bitcast", "reshape"}:
         return "copy", 0
-    if ops <= {"broadcast", "constant", "parameter", "bitcast"}:
+    if ops - {"fusion"} <= {"broadcast", "constant", "parameter", "bitcast"}:
         return "fill", 0
     if opcode == "fusion" or opcode in ("add", "multiply", "select", "convert", "exponential", "broadcast"):
         return "elementwise", 0

@@ -83,9 +83,11 @@ class LoRAExperts(nnx.Module):
         if not self.enabled:
             return y
         a = jnp.take(self.lora_a[...], expert, axis=0).astype(x.dtype)  # [NB, r, in]
-        b = jnp.take(self.lora_b[...], expert, axis=0).astype(x.dtype)  # [NB, out, r]
+        # B gathered as [NB, r, out]: its gradient is then a [NB, r, out] product, which XLA:CPU runs ~4x faster
+        # than the [NB, out, r] one (a rank-wide minor dimension), measured in benchmarks/profile_step.py
+        b = jnp.take(jnp.swapaxes(self.lora_b[...], -1, -2), expert, axis=0).astype(x.dtype)  # [NB, r, out]
         h = einsum("nbi,nri->nbr", x, a)
-        return y + einsum("nbr,nor->nbo", h * self._scale(x.dtype), b).astype(y.dtype)
+        return y + einsum("nbr,nro->nbo", h * self._scale(x.dtype), b).astype(y.dtype)
 
     def ragged(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
         y = self.base.ragged(x, group_sizes)
