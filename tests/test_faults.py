@@ -214,6 +214,21 @@ def test_write_folder_recovers_what_a_killed_writer_left(tmp_path):
     assert json.loads((folder / "a.json").read_text()) == {"step": 1}  # the old adapter is back, unchanged
 
 
+def test_write_folder_in_place_where_the_folder_is_a_mount_point(monkeypatch, tmp_path):
+    import tx.folder_io
+
+    folder = tmp_path / "adapter"
+    tx.folder_io.write_folder(folder, two_files(1))
+
+    def busy(a, b):
+        raise OSError(errno.EBUSY, "Device or resource busy", str(b))
+
+    monkeypatch.setattr(tx.folder_io, "_exchange", busy)
+    tx.folder_io.write_folder(folder, two_files(2), replaces=["a.json", "b.json"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # the hidden copy is gone
+    assert [json.loads((folder / n).read_text())["step"] for n in ("a.json", "b.json")] == [2, 2]
+
+
 def test_write_folder_in_place_where_no_sibling_can_be_made(monkeypatch, tmp_path):
     import tx.folder_io
 

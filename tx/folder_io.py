@@ -83,10 +83,11 @@ def _write_in_place(folder: Path, write: Callable[[Path], None], replaces: Itera
     """The fallback: each file atomic on its own; the named old files ``write`` did not rewrite are removed."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        before = {name: (folder / name).stat().st_ino for name in replaces if (folder / name).exists()}
+        stamp = lambda p: (p.stat().st_ino, p.stat().st_mtime_ns)  # noqa: E731 - a rewrite changes one of them
+        before = {name: stamp(folder / name) for name in replaces if (folder / name).exists()}
         write(folder)
-        for name, inode in before.items():  # a rewritten file has a new inode (written under a temporary name)
-            if (folder / name).exists() and (folder / name).stat().st_ino == inode:
+        for name, old in before.items():
+            if (folder / name).exists() and stamp(folder / name) == old:
                 (folder / name).unlink()
     except OSError as exc:
         if isinstance(exc, WriteError):
@@ -99,7 +100,8 @@ def write_folder(folder: Path, write: Callable[[Path], None], replaces: Iterable
 
     Files of the old folder that ``write`` does not write and that are not named in ``replaces`` are kept (hard
     links where possible), so a README or tokenizer a user put beside an adapter stays. Where no sibling folder
-    can be made (a parent folder the user cannot write), the files are written in place, each atomically. An I/O
+    can be made (a parent folder the user cannot write) or the folder cannot be moved (a mount point), the files
+    are written in place, each atomically. An I/O
     error is a :class:`~tx.errors.WriteError` naming the file under ``folder``; the old folder is then unchanged.
     """
     folder = Path(folder)
@@ -129,11 +131,20 @@ def write_folder(folder: Path, write: Callable[[Path], None], replaces: Iterable
                 else:
                     _link_or_copy(entry, tmp / entry.name)
             fsync_dir(tmp)
-            if _exchange(tmp, folder):
+            aside = folder.parent / f".{folder.name}.old-{owner()}"
+            try:
+                swapped = _exchange(tmp, folder)
+                if not swapped:
+                    os.rename(folder, aside)
+            except OSError as exc:  # the folder is a mount point (a container volume): it cannot be moved
+                if exc.errno not in (errno.EBUSY, errno.EXDEV):
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+                _write_in_place(folder, write, replaces)
+                return
+            if swapped:
                 shutil.rmtree(tmp, ignore_errors=True)  # it now holds the old contents
             else:
-                aside = folder.parent / f".{folder.name}.old-{owner()}"
-                os.rename(folder, aside)
                 os.rename(tmp, folder)
                 shutil.rmtree(aside, ignore_errors=True)
         else:
