@@ -145,15 +145,7 @@ def main() -> None:
         step_bench.shape_from_checkpoint(a, cfg)
     else:
         cfg = step_bench.model_config(a)
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, a.vocab, size=(a.batch, a.seq + 1)).astype(np.int32)
-    batch = {
-        "input_ids": ids[:, :-1],
-        "targets": ids[:, 1:],
-        "loss_mask": np.ones((a.batch, a.seq), np.float32),
-        "segment_ids": np.ones((a.batch, a.seq), np.int32),
-        "positions": np.broadcast_to(np.arange(a.seq, dtype=np.int32), (a.batch, a.seq)).copy(),
-    }
+    batch = step_bench.random_batch(a)
     trainer, _ = step_bench.make_trainer(a.config, a, cfg, batch)
     args = (trainer.states, trainer.opt_state, trainer.rng, trainer.rest, trainer._prepare(batch), jnp.asarray(0))
     instrs, comps = parse_hlo(trainer._train_step.lower(*args).compile().as_text())

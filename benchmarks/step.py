@@ -234,6 +234,19 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
+def random_batch(a) -> dict:
+    """A batch of ``a.batch`` x ``a.seq`` random tokens (seed 0), every position a target."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, a.vocab, size=(a.batch, a.seq + 1)).astype(np.int32)
+    return {
+        "input_ids": ids[:, :-1],
+        "targets": ids[:, 1:],
+        "loss_mask": np.ones((a.batch, a.seq), np.float32),
+        "segment_ids": np.ones((a.batch, a.seq), np.int32),
+        "positions": np.broadcast_to(np.arange(a.seq, dtype=np.int32), (a.batch, a.seq)).copy(),
+    }
+
+
 def make_trainer(name, a, cfg, batch):
     """A Trainer for one configuration, compiled (its first step run); returns (trainer, compile seconds)."""
     import tx
@@ -383,15 +396,7 @@ def main():
         cfg = model_config(a)
     moe = cfg.moe is not None
     with_peft = a.peft == "on" or (a.peft == "auto" and peft_importable())
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, a.vocab, size=(a.batch, a.seq + 1)).astype(np.int32)
-    batch = {
-        "input_ids": ids[:, :-1],
-        "targets": ids[:, 1:],
-        "loss_mask": np.ones((a.batch, a.seq), np.float32),
-        "segment_ids": np.ones((a.batch, a.seq), np.int32),
-        "positions": np.broadcast_to(np.arange(a.seq, dtype=np.int32), (a.batch, a.seq)).copy(),
-    }
+    batch = random_batch(a)
     tokens = a.batch * a.seq
     flops = None if moe else step_flops(a)  # the count and the floor are for dense MLPs
     matmul, matmul_flops = matmul_timer(jnp.dtype(a.dtype))
