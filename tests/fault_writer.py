@@ -42,6 +42,15 @@ def opt_state(step: int):
     return {"count": np.asarray(step, np.int32), "mu": moments, "nu": moments}
 
 
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+def write_adapter(dest: Path, step: int) -> None:
+    """The two files of an adapter, as tx.save_adapter writes them (through tx.folder_io.write_folder)."""
+    save_tensors({"w": np.full((64, 256), step, np.float32)}, dest / ADAPTER_FILES[0])
+    _write_json(dest / ADAPTER_FILES[1], {"step": step})
+
+
 def write_forever(out: Path) -> None:
     root = out / "checkpoints"
     latest = latest_checkpoint(root)
@@ -53,15 +62,6 @@ def write_forever(out: Path) -> None:
         _append_line(out / "metrics.jsonl", {"step": step, "loss": 1.0 / step})
         save_checkpoint(root, step, states(step), opt_state(step), {"config": {"seed": 0}}, keep=2)
         write_folder(out / "adapter", lambda dest, k=step: write_adapter(dest, k), replaces=ADAPTER_FILES)
-
-
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
-
-
-def write_adapter(dest: Path, step: int) -> None:
-    """The two files of an adapter, as tx.save_adapter writes them (through tx.folder_io.write_folder)."""
-    save_tensors({"w": np.full((64, 256), step, np.float32)}, dest / ADAPTER_FILES[0])
-    _write_json(dest / ADAPTER_FILES[1], {"step": step})
 
 
 def main() -> None:

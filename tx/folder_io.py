@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import shutil
 import socket
@@ -44,12 +45,19 @@ def is_stale(name: str) -> bool:
     return host == socket.gethostname() and pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid)))
 
 
+@functools.cache
+def _renameat2():
+    """libc's renameat2 where there is one (Linux, glibc 2.28+), else None."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the OS or file system cannot."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
+    renameat2 = _renameat2()
+    if renameat2 is None:
         return False
     if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
@@ -95,14 +103,46 @@ def _write_in_place(folder: Path, write: Callable[[Path], None], replaces: Itera
         raise write_error(getattr(exc, "filename", None) or folder, exc) from None
 
 
+def _carry_over(folder: Path, tmp: Path, replaces: set[str]) -> None:
+    """Link (or copy) into ``tmp`` what ``folder`` holds that the new contents neither write nor replace."""
+    for entry in folder.iterdir():
+        if entry.name in replaces or (tmp / entry.name).exists():
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), tmp / entry.name)
+        elif entry.is_dir():
+            shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, tmp / entry.name)
+
+
+def _swap(tmp: Path, folder: Path) -> bool:
+    """Put ``tmp`` in the place of ``folder`` and remove the old contents; False if ``folder`` cannot be moved."""
+    aside = folder.parent / f".{folder.name}.old-{owner()}"
+    try:
+        swapped = _exchange(tmp, folder)
+        if not swapped:
+            os.rename(folder, aside)
+    except OSError as exc:  # the folder is a mount point (a container volume)
+        if exc.errno in (errno.EBUSY, errno.EXDEV):
+            return False
+        raise
+    if swapped:
+        shutil.rmtree(tmp, ignore_errors=True)  # it now holds the old contents
+    else:  # a kill before the next rename leaves the old folder aside; the next write_folder puts it back
+        os.rename(tmp, folder)
+        shutil.rmtree(aside, ignore_errors=True)
+    return True
+
+
 def write_folder(folder: Path, write: Callable[[Path], None], replaces: Iterable[str] = ()) -> None:
     """Make ``folder`` hold what ``write(path)`` writes into ``path``, replacing its old contents in one step.
 
     Files of the old folder that ``write`` does not write and that are not named in ``replaces`` are kept (hard
     links where possible), so a README or tokenizer a user put beside an adapter stays. Where no sibling folder
     can be made (a parent folder the user cannot write) or the folder cannot be moved (a mount point), the files
-    are written in place, each atomically. An I/O
-    error is a :class:`~tx.errors.WriteError` naming the file under ``folder``; the old folder is then unchanged.
+    are written in place, each atomically. An I/O error is a :class:`~tx.errors.WriteError` naming the file under
+    ``folder``; the old folder is then unchanged.
     """
     folder = Path(folder)
     if folder.is_symlink():
@@ -120,36 +160,14 @@ def write_folder(folder: Path, write: Callable[[Path], None], replaces: Iterable
     try:
         write(tmp)
         if folder.is_dir():
-            skip = set(replaces)
-            for entry in folder.iterdir():
-                if entry.name in skip or (tmp / entry.name).exists():
-                    continue
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=_link_or_copy)
-                elif entry.is_symlink():
-                    os.symlink(os.readlink(entry), tmp / entry.name)
-                else:
-                    _link_or_copy(entry, tmp / entry.name)
-            fsync_dir(tmp)
-            aside = folder.parent / f".{folder.name}.old-{owner()}"
-            try:
-                swapped = _exchange(tmp, folder)
-                if not swapped:
-                    os.rename(folder, aside)
-            except OSError as exc:  # the folder is a mount point (a container volume): it cannot be moved
-                if exc.errno not in (errno.EBUSY, errno.EXDEV):
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)
-                _write_in_place(folder, write, replaces)
-                return
-            if swapped:
-                shutil.rmtree(tmp, ignore_errors=True)  # it now holds the old contents
-            else:
-                os.rename(tmp, folder)
-                shutil.rmtree(aside, ignore_errors=True)
-        else:
-            fsync_dir(tmp)
+            _carry_over(folder, tmp, set(replaces))
+        fsync_dir(tmp)
+        if not folder.is_dir():
             os.rename(tmp, folder)
+        elif not _swap(tmp, folder):
+            shutil.rmtree(tmp, ignore_errors=True)
+            _write_in_place(folder, write, replaces)
+            return
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, WriteError):  # name the file where it was to go, not the hidden folder
