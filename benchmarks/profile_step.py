@@ -130,6 +130,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--steps", type=int, default=4, help="profiled steps")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--hlo", default=None, help="also write the compiled step's HLO text to this file")
     a = ap.parse_args()
     a.remat, a.scan_layers = False, True
     if a.config.partition("+")[0] not in step_bench.CONFIGS:
@@ -148,7 +149,11 @@ def main() -> None:
     batch = step_bench.random_batch(a)
     trainer, _ = step_bench.make_trainer(a.config, a, cfg, batch)
     args = (trainer.states, trainer.opt_state, trainer.rng, trainer.rest, trainer._prepare(batch), jnp.asarray(0))
-    instrs, comps = parse_hlo(trainer._train_step.lower(*args).compile().as_text())
+    hlo = trainer._train_step.lower(*args).compile().as_text()
+    if a.hlo:
+        with open(a.hlo, "w") as f:
+            f.write(hlo)
+    instrs, comps = parse_hlo(hlo)
     for _ in range(2):
         jax.block_until_ready(trainer.step(batch))
     folder = tempfile.mkdtemp(prefix="tx-profile-")

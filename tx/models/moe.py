@@ -13,8 +13,9 @@ Three formulations compute the same function:
   experts a token did not choose. ``E / k`` times the routed FLOPs, in plain batched matmuls; ``jax.lax.ragged_dot``
   runs at a small fraction of XLA:CPU's matmul peak (``benchmarks/moe.py``).
 - ``blocked`` (CPU): the (token, choice) pairs sorted by expert, each expert's rows padded to a multiple of
-  ``BLOCK`` rows, and every block multiplied by its expert's weights in one batched matmul: the routed FLOPs plus at
-  most ``E * (BLOCK - 1)`` padding rows, at XLA:CPU's batched-matmul speed (``benchmarks/moe.py``).
+  ``BLOCK`` rows, and a loop over the blocks in use, each multiplied by its expert's weights: the routed FLOPs plus
+  at most ``E * (BLOCK - 1)`` padding rows, at XLA:CPU's matmul speed (``benchmarks/moe.py``). The arrays have
+  the static bound's number of blocks; the loop stops at the blocks in use.
 - ``ragged`` (GPU / TPU): the (token, choice) pairs sorted by expert and multiplied with ``jax.lax.ragged_dot``,
   the routed FLOPs only.
 
@@ -36,9 +37,13 @@ from flax import nnx
 
 from tx.models.config import BlockSpec, ModelConfig, MoEConfig
 from tx.models.layers import MLP, Linear, _param, swiglu
-from tx.models.matmul import einsum
+from tx.models.matmul import acc32, einsum
 
-BLOCK = 128  # rows per block of the blocked formulation (measured: 128 beat 32, 64 and 256; benchmarks/moe.py)
+_F32 = jnp.float32
+
+# rows per block of the blocked formulation: a Qwen3-MoE-shaped LoRA step (benchmarks/step.py --model, 16 experts
+# top-4, hidden 512, expert width 256) ran 1.01x PEFT's speed at 128, 1.03-1.11x at 64, 1.01-1.05x at 32, 0.87x at 16
+BLOCK = 64
 FORMULATIONS = ("dense", "blocked", "ragged")
 
 
@@ -56,17 +61,20 @@ def formulation(tokens: int | None = None, experts: int | None = None, top_k: in
 
 
 def blocked_rows(pairs: int, experts: int, block: int) -> int:
-    """Rows the blocked formulation computes for ``pairs`` (token, choice) pairs: a static bound, every block."""
+    """Rows the blocked formulation lays out for ``pairs`` (token, choice) pairs: the static bound on the blocks in
+    use (the loop computes only those)."""
     return (pairs + experts * (block - 1)) // block * block
 
 
 class Blocks(NamedTuple):
     """The (token, choice) pairs laid out in blocks of one expert each: ``token [NB, B]`` the source row (T: a
-    padding row), ``weight [NB, B]`` its routing weight (0 for padding), ``expert [NB]`` the block's expert."""
+    padding row), ``weight [NB, B]`` its routing weight (0 for padding), ``expert [NB]`` the block's expert,
+    ``count`` the blocks in use (the first ones; the others hold padding rows only)."""
 
     token: jax.Array
     weight: jax.Array
     expert: jax.Array
+    count: jax.Array
 
 
 def plan_blocks(top_w: jax.Array, top_i: jax.Array, experts: int, block: int) -> Blocks:
@@ -87,7 +95,7 @@ def plan_blocks(top_w: jax.Array, top_i: jax.Array, experts: int, block: int) ->
     weight = jnp.zeros((nb * block,), top_w.dtype).at[pos].set(top_w.reshape(-1)[order])
     first_row = jnp.arange(nb, dtype=jnp.int32) * block
     expert = jnp.minimum(jnp.searchsorted(ends_p, first_row, side="right"), experts - 1).astype(jnp.int32)
-    return Blocks(token.reshape(nb, block), weight.reshape(nb, block), expert)
+    return Blocks(token.reshape(nb, block), weight.reshape(nb, block), expert, ends_p[-1] // block)
 
 
 class RouterSums(NamedTuple):
@@ -127,16 +135,49 @@ def router_metrics(sums: RouterSums) -> dict[str, jax.Array]:
     }
 
 
-@jax.checkpoint
-def _gathered_matmul(weight: jax.Array, x: jax.Array, expert: jax.Array) -> jax.Array:
-    """``x[n] @ weight[expert[n]].T``; the backward pass gathers the block weights again instead of keeping them.
+@jax.custom_vjp
+def _block_matmul(weight: jax.Array, x: jax.Array, expert: jax.Array, count: jax.Array) -> jax.Array:
+    """``y[n] = x[n] @ weight[expert[n]].T`` for the ``count`` blocks in use, zero for the others (padding blocks).
 
-    Kept, the gathered ``[NB, out, in]`` copies were the largest residuals of a MoE layer (one per block, 256 MB per
-    step at a Qwen3-MoE-like shape): zero-filling and writing their stack cost ~30% of a CPU step, measured with
-    benchmarks/profile_step.py; the gather itself costs ~3%. Only the gather is recomputed (the product is
-    linear, so its output is no residual).
+    One loop over the blocks in use, each a matmul with its expert's weight sliced in place. The earlier batched
+    form (every block's weight gathered into one ``[NB, out, in]`` stack, then one batched matmul) computed every
+    block the static bound allows, ~25% of them padding at a Qwen3-MoE-like shape, and its gather ran at ~1.5 GB/s
+    on XLA:CPU: the loop takes about half its time, forward + backward (benchmarks/moe.py). The backward pass loops
+    the same way; the weight's gradient is accumulated per expert and removed by XLA when nothing uses it (LoRA).
     """
-    return einsum("nbi,noi->nbo", x, jnp.take(weight, expert, axis=0).astype(x.dtype))
+    return _block_matmul_fwd(weight, x, expert, count)[0]
+
+
+def _weight_of(weight: jax.Array, expert: jax.Array, n, dtype) -> jax.Array:
+    return jax.lax.dynamic_index_in_dim(weight, expert[n], 0, keepdims=False).astype(dtype)
+
+
+def _block_matmul_fwd(weight, x, expert, count):
+    def body(n, y):
+        w = _weight_of(weight, expert, n, x.dtype)
+        return jax.lax.dynamic_update_index_in_dim(y, acc32("bi,oi->bo", x[n], w, x.dtype), n, 0)
+
+    y = jax.lax.fori_loop(0, count, body, jnp.zeros((*x.shape[:-1], weight.shape[-2]), x.dtype))
+    return y, (weight, x, expert, count)
+
+
+def _block_matmul_bwd(res, dy):
+    weight, x, expert, count = res
+
+    def body(n, carry):
+        dx, dw = carry
+        e = expert[n]
+        w = _weight_of(weight, expert, n, x.dtype)
+        dx = jax.lax.dynamic_update_index_in_dim(dx, acc32("bo,oi->bi", dy[n], w, x.dtype), n, 0)
+        dw_e = jax.lax.dynamic_index_in_dim(dw, e, 0, keepdims=False) + acc32("bo,bi->oi", dy[n], x[n], _F32)
+        return dx, jax.lax.dynamic_update_index_in_dim(dw, dw_e, e, 0)
+
+    zeros = (jnp.zeros_like(x), jnp.zeros(weight.shape, _F32))
+    dx, dw = jax.lax.fori_loop(0, count, body, zeros)
+    return dw.astype(weight.dtype), dx, None, None
+
+
+_block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)
 
 
 class ExpertLinear(nnx.Module):
@@ -153,9 +194,10 @@ class ExpertLinear(nnx.Module):
         y = einsum("ti,eoi->teo", x, w) if x.ndim == 2 else einsum("tei,eoi->teo", x, w)
         return y if self.bias is None else y + self.bias[...].astype(y.dtype)
 
-    def blocked(self, x: jax.Array, expert: jax.Array) -> jax.Array:
-        """x: [NB, B, in], block ``n``'s rows for expert ``expert[n]`` -> [NB, B, out]."""
-        y = _gathered_matmul(self.weight[...], x, expert)
+    def blocked(self, x: jax.Array, expert: jax.Array, count: jax.Array) -> jax.Array:
+        """x: [NB, B, in], block ``n``'s rows for expert ``expert[n]``, the first ``count`` blocks in use ->
+        [NB, B, out] (zero in the blocks not in use, before the bias)."""
+        y = _block_matmul(self.weight[...], x, expert, count)
         return y if self.bias is None else y + jnp.take(self.bias[...], expert, axis=0).astype(y.dtype)[:, None]
 
     def ragged(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -212,8 +254,8 @@ class Experts(nnx.Module):
         t, c = x.shape
         plan = plan_blocks(top_w, top_i, self.num_experts, BLOCK)
         xs = jnp.take(jnp.concatenate([x, jnp.zeros((1, c), x.dtype)]), plan.token, axis=0)  # [NB, B, C]
-        h = self.gate_up_proj.blocked(xs, plan.expert)
-        y = self.down_proj.blocked(self._gated(h), plan.expert) * plan.weight[..., None].astype(x.dtype)
+        h = self.gate_up_proj.blocked(xs, plan.expert, plan.count)
+        y = self.down_proj.blocked(self._gated(h), plan.expert, plan.count) * plan.weight[..., None].astype(x.dtype)
         return jnp.zeros((t + 1, c), y.dtype).at[plan.token.reshape(-1)].add(y.reshape(-1, c))[:t]
 
     def ragged(self, x: jax.Array, top_w: jax.Array, top_i: jax.Array) -> jax.Array:
