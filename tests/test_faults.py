@@ -224,12 +224,18 @@ def test_write_folder_in_place_where_the_folder_is_a_mount_point(monkeypatch, tm
         raise OSError(errno.EBUSY, "Device or resource busy", str(b))
 
     monkeypatch.setattr(tx.folder_io, "_exchange", busy)
-    tx.folder_io.write_folder(folder, two_files(2), replaces=["a.json", "b.json"])
+    (folder / "c.json").write_text("from an earlier save")
+    calls = []
+    write = lambda dest: (calls.append(dest), two_files(2)(dest))  # noqa: E731
+    tx.folder_io.write_folder(folder, write, replaces=["a.json", "b.json", "c.json"])
+    assert len(calls) == 1  # written once (into the hidden copy), then copied in: write may be a collective
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # the hidden copy is gone
+    assert sorted(p.name for p in folder.iterdir()) == ["a.json", "b.json"]  # c.json was not rewritten: removed
     assert [json.loads((folder / n).read_text())["step"] for n in ("a.json", "b.json")] == [2, 2]
 
 
 def test_write_folder_in_place_where_no_sibling_can_be_made(monkeypatch, tmp_path):
+    import tx.adapters.io
     import tx.folder_io
 
     folder = tmp_path / "adapter"
@@ -393,6 +399,43 @@ def test_injected_enospc_in_checkpoint_files(monkeypatch, tmp_path):
     assert str(err.value).startswith(f"cannot write {root}/.tmp-step_0000002-{owner}/state.json")
     monkeypatch.undo()
     assert [p.name for p in root.iterdir()] == ["step_0000001"]
+
+
+def test_save_model_failing_midway_keeps_the_earlier_export_whole(monkeypatch, lora_model, tmp_path):
+    """An export is several shards, an index and config.json: one that fails midway (disk full on the shard after
+    the first one LoRA changes) leaves the earlier export exactly as it was (the old writer had already replaced
+    the shards before: a mix of two models), names the shard under the export folder, and leaves no hidden
+    folder; the next export succeeds."""
+    folder = tmp_path / "merged"
+    tx.save_model(lora_model, folder, max_shard_size="40KB")
+    (folder / "README.md").write_text("mine")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    shards = sorted(n for n in before if n.startswith("model-"))
+    key = "model.layers.0.self_attn.q_proj.weight"  # LoRA changes it: the shard holding it is rewritten first
+    at = shards.index(json.loads(before["model.safetensors.index.json"])["weight_map"][key])
+    assert at + 1 < len(shards), (at, shards)
+    b = lora_model.layers.attn.q_proj.lora_b
+    old = b[...]
+    b.set_value(old + 1.0)  # a different merged model
+    try:
+        monkeypatch.setattr("safetensors.numpy.save_file", _SaveFileFails(at + 2))  # the shard after it fails
+        with pytest.raises(WriteError) as err:
+            tx.save_model(lora_model, folder, max_shard_size="40KB")
+        assert_disk_full(err, folder / shards[at + 1])
+        monkeypatch.undo()
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+        tx.save_model(lora_model, folder)  # one file now: the shards and the index go, the README stays
+    finally:
+        b.set_value(old)
+    names = {p.name for p in folder.iterdir()}
+    assert {"README.md", "config.json", "model.safetensors"} <= names
+    assert not [n for n in names if n.startswith("model-") or n.endswith(".index.json")], sorted(names)
+    from safetensors.numpy import load as load_bytes
+
+    old_q = load_bytes(before[shards[at]])[key]
+    new_q = load_file(folder / "model.safetensors")[key]  # the second model's (lora_b + 1 folded in)
+    assert old_q.shape == new_q.shape and np.abs(new_q - old_q).max() > 1e-3
 
 
 def test_other_write_errors_name_the_file(monkeypatch, tmp_path):

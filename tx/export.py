@@ -4,7 +4,8 @@
 names (stacked layers split per layer; no ``lm_head.weight`` when the embeddings are tied), sharded with
 ``model.safetensors.index.json`` above ``max_shard_size``, and the tokenizer files of the source folder. LoRA is
 folded into the written weights (the in-memory model is left as it is); a connector cannot be exported, since it
-changes the architecture. Tensors are produced one shard at a time, and every file is written atomically.
+changes the architecture. Tensors are produced one shard at a time into a hidden sibling folder, which then
+replaces the folder in one step (:func:`tx.folder_io.write_folder`): a crash never leaves a mix of two saves.
 With several processes (``jax.distributed``) every process calls it: each tensor is gathered in all of them and
 process 0 writes (see :mod:`tx.multihost`).
 """
@@ -26,6 +27,7 @@ from tx.adapters.attach import has_connector, module_at
 from tx.adapters.lora import LoRALinear
 from tx.adapters.lora_experts import LoRAExperts
 from tx.errors import AdapterError, ConfigError
+from tx.folder_io import write_folder
 from tx.multihost import agree, host_array, is_writer
 from tx.safetensors_io import NAMES, atomic_write_bytes, open_checkpoint, save_tensors
 
@@ -189,6 +191,8 @@ def _other_entries(model, source: Path | None, stack: contextlib.ExitStack) -> l
 
 
 def _write_model(folder: Path, source, raw, entries, max_shard_size: int) -> None:
+    """Write the shards, the index, config.json and the tokenizer files as one folder swap
+    (:func:`tx.folder_io.write_folder`): a crash leaves the old checkpoint or the new one, never a mix of shards."""
     shards = _plan_shards(entries, max_shard_size)
     names = (
         [SINGLE]
@@ -197,28 +201,38 @@ def _write_model(folder: Path, source, raw, entries, max_shard_size: int) -> Non
     )
     # every process gathers every tensor (a collective), so process 0 keeps gathering after a failed write and
     # reports the failure once all have finished (tx.multihost.agree)
-    writer, error = is_writer(), None
-    if writer:
-        folder.mkdir(parents=True, exist_ok=True)
-    weight_map, total = {}, 0
-    for name, shard in zip(names, shards):
-        tensors = {}
-        for k in shard:
-            key, shape, dtype, produce = entries[k]
-            tensors[key] = produce()
-            weight_map[key] = name
-            total += tensors[key].nbytes
-        if writer and error is None:
-            try:
-                save_tensors(tensors, folder / name, metadata={"format": "pt"})
-            except Exception as e:  # noqa: BLE001 - re-raised below, after the other processes are told
-                error = e
-        del tensors
-    if writer and error is None:
+    error, produced = None, False
+
+    def write(dest: Path | None) -> None:
+        nonlocal error, produced
+        produced = True
+        weight_map, total = {}, 0
+        for name, shard in zip(names, shards):
+            tensors = {}
+            for k in shard:
+                key, shape, dtype, produce = entries[k]
+                tensors[key] = produce()
+                weight_map[key] = name
+                total += tensors[key].nbytes
+            if dest is not None and error is None:
+                try:
+                    save_tensors(tensors, dest / name, metadata={"format": "pt"})
+                except Exception as e:  # noqa: BLE001 - raised below, once every tensor is gathered
+                    error = e
+            del tensors
+        if dest is not None:
+            if error is not None:
+                raise error
+            _write_rest(dest, source, raw, names, entries, weight_map, total)
+
+    if is_writer():
+        old = [p.name for p in folder.glob("model*.safetensors")] if folder.is_dir() else []
         try:
-            _write_rest(folder, source, raw, names, entries, weight_map, total)
-        except Exception as e:  # noqa: BLE001
+            write_folder(folder, write, replaces=[*old, INDEX])
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the other processes are told
             error = e
+    if not produced:  # a process that does not write, or a writer that failed before writing: gather all the same
+        write(None)
     agree(error is None, f"write {folder}")
     if error is not None:
         raise error

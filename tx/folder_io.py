@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from tx.errors import WriteError
-from tx.safetensors_io import fsync_dir, is_io_error, write_error
+from tx.safetensors_io import atomic_write_bytes, fsync_dir, is_io_error, write_error
 
 _RENAME_EXCHANGE = 2  # linux/fs.h
 _AT_FDCWD = -100
@@ -103,6 +103,15 @@ def _write_in_place(folder: Path, write: Callable[[Path], None], replaces: Itera
         raise write_error(getattr(exc, "filename", None) or folder, exc) from None
 
 
+def _copy_into(paths: list[Path], dest: Path) -> None:
+    """Copy files (each atomically) and folders into ``dest``."""
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.copytree(path, dest / path.name, symlinks=True, dirs_exist_ok=True)
+        else:
+            atomic_write_bytes(dest / path.name, lambda tmp, src=path: shutil.copyfile(src, tmp))
+
+
 def _carry_over(folder: Path, tmp: Path, replaces: set[str]) -> None:
     """Link (or copy) into ``tmp`` what ``folder`` holds that the new contents neither write nor replace."""
     for entry in folder.iterdir():
@@ -141,7 +150,8 @@ def write_folder(folder: Path, write: Callable[[Path], None], replaces: Iterable
     Files of the old folder that ``write`` does not write and that are not named in ``replaces`` are kept (hard
     links where possible), so a README or tokenizer a user put beside an adapter stays. Where no sibling folder
     can be made (a parent folder the user cannot write) or the folder cannot be moved (a mount point), the files
-    are written in place, each atomically. An I/O error is a :class:`~tx.errors.WriteError` naming the file under
+    are written in place, each atomically. ``write`` is called once, whichever way the folder is written (it may
+    gather values from other processes). An I/O error is a :class:`~tx.errors.WriteError` naming the file under
     ``folder``; the old folder is then unchanged.
     """
     folder = Path(folder)
@@ -159,14 +169,15 @@ def write_folder(folder: Path, write: Callable[[Path], None], replaces: Iterable
         raise write_error(folder, exc) from None
     try:
         write(tmp)
+        written = sorted(tmp.iterdir())
         if folder.is_dir():
             _carry_over(folder, tmp, set(replaces))
         fsync_dir(tmp)
         if not folder.is_dir():
             os.rename(tmp, folder)
-        elif not _swap(tmp, folder):
+        elif not _swap(tmp, folder):  # a mount point: what write wrote is copied in, file by file
+            _write_in_place(folder, lambda dest: _copy_into(written, dest), replaces)
             shutil.rmtree(tmp, ignore_errors=True)
-            _write_in_place(folder, write, replaces)
             return
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
