@@ -447,7 +447,8 @@ def test_blocked_experts_equal_dense_in_value_and_gradient():
     # the blocked loop's own backward pass also gives the expert weights' gradient (a model differentiated in its
     # base weights): equal to autodiff's through the dense formulation; and the blocks not in use stay zero
     plan = M.plan_blocks(top_w, top_i, e, M.BLOCK)
-    assert 0 < int(plan.count) < plan.expert.shape[0], (int(plan.count), plan.expert.shape)
+    count = int(plan.runs.sum())  # blocks in use; the rest are padding
+    assert 0 < count < plan.expert.shape[0] and int(plan.runs[-1]) == 0, (plan.runs, plan.expert.shape)
     base = experts.gate_up_proj.base
     xs = jnp.take(jnp.concatenate([x, jnp.zeros((1, 8))]), plan.token, axis=0)
     w = base.weight[...]
@@ -455,14 +456,14 @@ def test_blocked_experts_equal_dense_in_value_and_gradient():
     def weight_loss(kind, w):
         if kind == "dense":
             y = jnp.einsum("nbi,noi->nbo", xs, jnp.take(w, plan.expert, axis=0))
-            y = y * (jnp.arange(plan.expert.shape[0]) < plan.count)[:, None, None]
+            y = y * (jnp.arange(plan.expert.shape[0]) < count)[:, None, None]
         else:
-            y = M._block_matmul(w, xs, plan.expert, plan.count)
+            y = M._block_matmul(w, xs, plan.runs)
         return jnp.sum(jnp.sin(y) * jnp.cos(xs[..., :1])), y
 
     (_, y_want), gw_want = jax.value_and_grad(lambda w: weight_loss("dense", w), has_aux=True)(w)
     (_, y_got), gw_got = jax.value_and_grad(lambda w: weight_loss("blocked", w), has_aux=True)(w)
-    assert not np.any(np.asarray(y_got)[int(plan.count) :])
+    assert not np.any(np.asarray(y_got)[count:])
     np.testing.assert_allclose(y_got, y_want, atol=1e-5)
     assert np.abs(np.asarray(gw_want)).max() > 0
     np.testing.assert_allclose(gw_got, gw_want, rtol=1e-5, atol=1e-5)

@@ -78,8 +78,8 @@ class LoRAExperts(nnx.Module):
         h = einsum("ti,eri->ter", x, a) if x.ndim == 2 else einsum("tei,eri->ter", x, a)
         return y + einsum("ter,eor->teo", h * self._scale(x.dtype), b).astype(y.dtype)
 
-    def blocked(self, x: jax.Array, expert: jax.Array, count: jax.Array) -> jax.Array:
-        y = self.base.blocked(x, expert, count)
+    def blocked(self, x: jax.Array, expert: jax.Array, runs: jax.Array) -> jax.Array:
+        y = self.base.blocked(x, expert, runs)
         if not self.enabled:
             return y
         a = jnp.take(self.lora_a[...], expert, axis=0).astype(x.dtype)  # [NB, r, in]

@@ -321,6 +321,27 @@ def _swiglu_bwd(res, g):
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
+@jax.custom_vjp
+def swiglu_halves(h: jax.Array) -> jax.Array:
+    """``swiglu(gate, up)`` of ``h = [gate | up]`` (a fused gate-up projection's output, gate first). Its gradient
+    is one array like ``h``: through two slices, autodiff pads each half's gradient to ``h``'s width and adds them
+    (a MoE layer's slowest elementwise pass on XLA:CPU, benchmarks/profile_step.py)."""
+    w = h.shape[-1] // 2
+    return jax.nn.silu(h[..., :w]) * h[..., w:]
+
+
+def _swiglu_halves_fwd(h):
+    return swiglu_halves(h), h
+
+
+def _swiglu_halves_bwd(h, g):
+    w = h.shape[-1] // 2
+    return (jnp.concatenate(_swiglu_bwd((h[..., :w], h[..., w:]), g), axis=-1),)
+
+
+swiglu_halves.defvjp(_swiglu_halves_fwd, _swiglu_halves_bwd)
+
+
 def geglu(gate: jax.Array, up: jax.Array, approximate: bool = True) -> jax.Array:
     """``gelu(gate) * up`` (tanh approximation: Gemma's ``gelu_pytorch_tanh``)."""
     return jax.nn.gelu(gate, approximate=approximate) * up

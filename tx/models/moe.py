@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tx.models.config import BlockSpec, ModelConfig, MoEConfig
-from tx.models.layers import MLP, Linear, _param, swiglu
+from tx.models.layers import MLP, Linear, _param, swiglu, swiglu_halves
 from tx.models.matmul import acc32, einsum
 
 _F32 = jnp.float32
@@ -69,12 +69,12 @@ def blocked_rows(pairs: int, experts: int, block: int) -> int:
 class Blocks(NamedTuple):
     """The (token, choice) pairs laid out in blocks of one expert each: ``token [NB, B]`` the source row (T: a
     padding row), ``weight [NB, B]`` its routing weight (0 for padding), ``expert [NB]`` the block's expert,
-    ``count`` the blocks in use (the first ones; the others hold padding rows only)."""
+    ``runs [E]`` each expert's number of blocks (in expert order; the blocks after them hold padding rows only)."""
 
     token: jax.Array
     weight: jax.Array
     expert: jax.Array
-    count: jax.Array
+    runs: jax.Array
 
 
 def plan_blocks(top_w: jax.Array, top_i: jax.Array, experts: int, block: int) -> Blocks:
@@ -95,7 +95,7 @@ def plan_blocks(top_w: jax.Array, top_i: jax.Array, experts: int, block: int) ->
     weight = jnp.zeros((nb * block,), top_w.dtype).at[pos].set(top_w.reshape(-1)[order])
     first_row = jnp.arange(nb, dtype=jnp.int32) * block
     expert = jnp.minimum(jnp.searchsorted(ends_p, first_row, side="right"), experts - 1).astype(jnp.int32)
-    return Blocks(token.reshape(nb, block), weight.reshape(nb, block), expert, ends_p[-1] // block)
+    return Blocks(token.reshape(nb, block), weight.reshape(nb, block), expert, padded // block)
 
 
 class RouterSums(NamedTuple):
@@ -136,45 +136,58 @@ def router_metrics(sums: RouterSums) -> dict[str, jax.Array]:
 
 
 @jax.custom_vjp
-def _block_matmul(weight: jax.Array, x: jax.Array, expert: jax.Array, count: jax.Array) -> jax.Array:
-    """``y[n] = x[n] @ weight[expert[n]].T`` for the ``count`` blocks in use, zero for the others (padding blocks).
+def _block_matmul(weight: jax.Array, x: jax.Array, runs: jax.Array) -> jax.Array:
+    """``y[n] = x[n] @ weight[e].T`` for the blocks in use, expert ``e``'s ``runs[e]`` blocks one after another in
+    expert order; zero for the blocks after them (padding blocks).
 
-    One loop over the blocks in use, each a matmul with its expert's weight sliced in place. The earlier batched
-    form (every block's weight gathered into one ``[NB, out, in]`` stack, then one batched matmul) computed every
-    block the static bound allows, ~25% of them padding at a Qwen3-MoE-like shape, and its gather ran at ~1.5 GB/s
-    on XLA:CPU: the loop takes about half its time, forward + backward (benchmarks/moe.py). The backward pass loops
-    the same way; the weight's gradient is accumulated per expert and removed by XLA when nothing uses it (LoRA).
+    A loop over the experts, each slicing its weight in place once, and within it a loop over its blocks, each one
+    matmul. The earlier batched form (every block's weight gathered into one ``[NB, out, in]`` stack, then one
+    batched matmul) computed every block the static bound allows, ~25% of them padding at a Qwen3-MoE-like shape,
+    and its gather ran at ~1.5 GB/s on XLA:CPU: the loop takes about half its time, forward + backward
+    (benchmarks/moe.py). The backward pass loops the same way; the weight's gradient is accumulated per expert and
+    removed by XLA when nothing uses it (LoRA).
     """
-    return _block_matmul_fwd(weight, x, expert, count)[0]
+    return _block_matmul_fwd(weight, x, runs)[0]
 
 
-def _weight_of(weight: jax.Array, expert: jax.Array, n, dtype) -> jax.Array:
-    return jax.lax.dynamic_index_in_dim(weight, expert[n], 0, keepdims=False).astype(dtype)
+def _expert_weight(weight: jax.Array, e, dtype) -> jax.Array:
+    return jax.lax.dynamic_index_in_dim(weight, e, 0, keepdims=False).astype(dtype)
 
 
-def _block_matmul_fwd(weight, x, expert, count):
-    def body(n, y):
-        w = _weight_of(weight, expert, n, x.dtype)
-        return jax.lax.dynamic_update_index_in_dim(y, acc32("bi,oi->bo", x[n], w, x.dtype), n, 0)
+def _block_matmul_fwd(weight, x, runs):
+    starts = jnp.cumsum(runs) - runs
 
-    y = jax.lax.fori_loop(0, count, body, jnp.zeros((*x.shape[:-1], weight.shape[-2]), x.dtype))
-    return y, (weight, x, expert, count)
+    def per_expert(e, y):
+        w = _expert_weight(weight, e, x.dtype)
+
+        def per_block(n, y):
+            return jax.lax.dynamic_update_index_in_dim(y, acc32("bi,oi->bo", x[n], w, x.dtype), n, 0)
+
+        return jax.lax.fori_loop(starts[e], starts[e] + runs[e], per_block, y)
+
+    y = jax.lax.fori_loop(0, weight.shape[0], per_expert, jnp.zeros((*x.shape[:-1], weight.shape[-2]), x.dtype))
+    return y, (weight, x, runs)
 
 
 def _block_matmul_bwd(res, dy):
-    weight, x, expert, count = res
+    weight, x, runs = res
+    starts = jnp.cumsum(runs) - runs
 
-    def body(n, carry):
+    def per_expert(e, carry):
         dx, dw = carry
-        e = expert[n]
-        w = _weight_of(weight, expert, n, x.dtype)
-        dx = jax.lax.dynamic_update_index_in_dim(dx, acc32("bo,oi->bi", dy[n], w, x.dtype), n, 0)
-        dw_e = jax.lax.dynamic_index_in_dim(dw, e, 0, keepdims=False) + acc32("bo,bi->oi", dy[n], x[n], _F32)
+        w = _expert_weight(weight, e, x.dtype)
+
+        def per_block(n, c):
+            dx, dw_e = c
+            dx = jax.lax.dynamic_update_index_in_dim(dx, acc32("bo,oi->bi", dy[n], w, x.dtype), n, 0)
+            return dx, dw_e + acc32("bo,bi->oi", dy[n], x[n], _F32)
+
+        dw_e = jnp.zeros(weight.shape[1:], _F32)
+        dx, dw_e = jax.lax.fori_loop(starts[e], starts[e] + runs[e], per_block, (dx, dw_e))
         return dx, jax.lax.dynamic_update_index_in_dim(dw, dw_e, e, 0)
 
-    zeros = (jnp.zeros_like(x), jnp.zeros(weight.shape, _F32))
-    dx, dw = jax.lax.fori_loop(0, count, body, zeros)
-    return dw.astype(weight.dtype), dx, None, None
+    dx, dw = jax.lax.fori_loop(0, weight.shape[0], per_expert, (jnp.zeros_like(x), jnp.zeros(weight.shape, _F32)))
+    return dw.astype(weight.dtype), dx, None
 
 
 _block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)
@@ -194,10 +207,10 @@ class ExpertLinear(nnx.Module):
         y = einsum("ti,eoi->teo", x, w) if x.ndim == 2 else einsum("tei,eoi->teo", x, w)
         return y if self.bias is None else y + self.bias[...].astype(y.dtype)
 
-    def blocked(self, x: jax.Array, expert: jax.Array, count: jax.Array) -> jax.Array:
-        """x: [NB, B, in], block ``n``'s rows for expert ``expert[n]``, the first ``count`` blocks in use ->
-        [NB, B, out] (zero in the blocks not in use, before the bias)."""
-        y = _block_matmul(self.weight[...], x, expert, count)
+    def blocked(self, x: jax.Array, expert: jax.Array, runs: jax.Array) -> jax.Array:
+        """x: [NB, B, in], block ``n``'s rows for expert ``expert[n]``, expert ``e``'s ``runs[e]`` blocks in a row
+        -> [NB, B, out] (zero in the padding blocks after them, before the bias)."""
+        y = _block_matmul(self.weight[...], x, runs)
         return y if self.bias is None else y + jnp.take(self.bias[...], expert, axis=0).astype(y.dtype)[:, None]
 
     def ragged(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -238,10 +251,10 @@ class Experts(nnx.Module):
     def _gated(self, h: jax.Array) -> jax.Array:
         if self.activation == "clamped_swiglu":
             return clamped_swiglu(h[..., 0::2], h[..., 1::2], self.alpha, self.limit)
-        gate, up = h[..., : self.width], h[..., self.width :]
-        if self.activation == "clamped_silu":  # DeepSeek-V4
-            gate, up = jnp.minimum(gate, self.limit), jnp.clip(up, -self.limit, self.limit)
-        return swiglu(gate, up)
+        if self.activation != "clamped_silu":
+            return swiglu_halves(h)
+        gate, up = h[..., : self.width], h[..., self.width :]  # DeepSeek-V4
+        return swiglu(jnp.minimum(gate, self.limit), jnp.clip(up, -self.limit, self.limit))
 
     def dense(self, x: jax.Array, weights: jax.Array) -> jax.Array:
         """x: [T, C], weights [T, E] (0 for experts not chosen) -> [T, C]."""
@@ -254,8 +267,8 @@ class Experts(nnx.Module):
         t, c = x.shape
         plan = plan_blocks(top_w, top_i, self.num_experts, BLOCK)
         xs = jnp.take(jnp.concatenate([x, jnp.zeros((1, c), x.dtype)]), plan.token, axis=0)  # [NB, B, C]
-        h = self.gate_up_proj.blocked(xs, plan.expert, plan.count)
-        y = self.down_proj.blocked(self._gated(h), plan.expert, plan.count) * plan.weight[..., None].astype(x.dtype)
+        h = self.gate_up_proj.blocked(xs, plan.expert, plan.runs)
+        y = self.down_proj.blocked(self._gated(h), plan.expert, plan.runs) * plan.weight[..., None].astype(x.dtype)
         return jnp.zeros((t + 1, c), y.dtype).at[plan.token.reshape(-1)].add(y.reshape(-1, c))[:t]
 
     def ragged(self, x: jax.Array, top_w: jax.Array, top_i: jax.Array) -> jax.Array:
