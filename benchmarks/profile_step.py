@@ -18,7 +18,7 @@ instruction is, and prints one JSON object:
 - ``top``: the instructions that took most time, with their kind, output shape and seconds per step.
 
 Usage: python benchmarks/profile_step.py [--config lora|mhc4|...] [--preset stress|wide] [--model PATH]
-       [--steps 4] [--dtype float32] [--top 25] [shape flags as in step.py]
+       [--steps 4] [--dtype float32] [--top 25] [--hlo FILE] [shape flags as in step.py]
 """
 
 from __future__ import annotations
