@@ -142,7 +142,7 @@ def _block_matmul(weight: jax.Array, x: jax.Array, runs: jax.Array) -> jax.Array
 
     A loop over the experts, each slicing its weight in place once, and within it a loop over its blocks, each one
     matmul. The earlier batched form (every block's weight gathered into one ``[NB, out, in]`` stack, then one
-    batched matmul) computed every block the static bound allows, ~25% of them padding at a Qwen3-MoE-like shape,
+    batched matmul) computed every block the static bound allows, ~20% of them padding at a Qwen3-MoE-like shape,
     and its gather ran at ~1.5 GB/s on XLA:CPU: the loop takes about half its time, forward + backward
     (benchmarks/moe.py). The backward pass loops the same way; the weight's gradient is accumulated per expert and
     removed by XLA when nothing uses it (LoRA).
