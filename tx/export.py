@@ -239,15 +239,11 @@ def _write_model(folder: Path, source, raw, entries, max_shard_size: int) -> Non
 
 
 def _write_rest(folder: Path, source, raw, names, entries, weight_map, total) -> None:
-    """The index (several shards), config.json and the tokenizer files; removes shards of an earlier save."""
+    """The index (several shards), config.json and the tokenizer files. An earlier save's shards and index that
+    this one does not rewrite are dropped by write_folder (its ``replaces``)."""
     if len(names) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         _write_text(folder / INDEX, json.dumps(index, indent=2) + "\n")
-    else:
-        (folder / INDEX).unlink(missing_ok=True)
-    for stale in folder.glob("model*.safetensors"):  # shards of an earlier save into this folder
-        if stale.name not in names:
-            stale.unlink()
 
     config = copy.deepcopy(raw)
     config.pop("quantization_config", None)  # the weights are written dequantised (MXFP4 experts, ...)
